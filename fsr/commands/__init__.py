@@ -1,0 +1,1 @@
+"""Typer command functions, one module per subcommand; each parses options and calls one library function."""

@@ -1,0 +1,36 @@
+"""Options shared by every subcommand (the compute core's knobs) and error reporting."""
+
+from __future__ import annotations
+
+import sys
+from typing import NoReturn
+
+import typer
+from rich.console import Console
+
+from fsr.core.device import Compute, DeviceError
+
+console = Console()
+err_console = Console(stderr=True)
+
+DeviceOpt = typer.Option("auto", "--device", help="Where to compute: auto | cpu | cuda | cuda:N | mps.")
+PrecisionOpt = typer.Option(
+    "auto", "--precision", help="auto | fp32 | bf16 | fp16. auto = bf16 on recent GPUs, fp32 on the CPU (never half on a CPU)."
+)
+BatchSizeOpt = typer.Option(64, "--batch-size", min=1, help="Faces per batch on the device; halved automatically on out-of-memory.")
+ThreadsOpt = typer.Option(0, "--threads", min=0, help="CPU threads for torch (0 = all cores).")
+SeedOpt = typer.Option(0, "--seed", help="Random seed.")
+
+
+def make_compute(device: str, precision: str, batch_size: int = 64, threads: int = 0, seed: int = 0) -> Compute:
+    """Build the shared compute settings, turning a bad request into a one-line error."""
+    try:
+        return Compute.create(device=device, precision=precision, batch_size=batch_size, seed=seed, threads=threads or None)
+    except DeviceError as exc:
+        fail(str(exc))
+
+
+def fail(message: str, code: int = 2) -> NoReturn:
+    """Print a one-line error and exit."""
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    sys.exit(code)

@@ -1,0 +1,168 @@
+"""Device and precision policy shared by every subcommand.
+
+One place decides where tensors live and in which dtype the heavy work runs:
+``--device auto|cpu|cuda[:N]|mps`` and ``--precision auto|fp32|bf16|fp16``.
+Half precision is never used on a CPU (it is slow there and breaks some ops),
+whatever the user asks for: the request falls back to fp32 with a warning.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+DEVICE_CHOICES = "auto|cpu|cuda[:N]|mps"
+PRECISION_CHOICES = ("auto", "fp32", "bf16", "fp16")
+
+
+class DeviceError(ValueError):
+    """A device or precision request that cannot be satisfied here."""
+
+
+def resolve_device(spec: str = "auto") -> torch.device:
+    """Turn ``auto|cpu|cuda[:N]|mps`` into a usable :class:`torch.device`.
+
+    ``auto`` picks CUDA when available, then Apple's MPS, then the CPU.
+    """
+    spec = (spec or "auto").strip().lower()
+    if spec == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(spec)
+    except RuntimeError as exc:
+        raise DeviceError(f"unknown device '{spec}' (expected {DEVICE_CHOICES})") from exc
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DeviceError(f"device '{spec}' requested but CUDA is not available on this machine")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise DeviceError(
+                f"device '{spec}' requested but only {torch.cuda.device_count()} CUDA device(s) exist"
+            )
+    elif device.type == "mps":
+        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise DeviceError("device 'mps' requested but Apple MPS is not available on this machine")
+    elif device.type != "cpu":
+        raise DeviceError(f"unsupported device '{spec}' (expected {DEVICE_CHOICES})")
+    return device
+
+
+def resolve_precision(spec: str, device: torch.device) -> torch.dtype:
+    """Pick the compute dtype for ``device``.
+
+    ``auto``: bf16 on CUDA GPUs that support it, fp16 on older CUDA GPUs and on MPS,
+    fp32 on the CPU. ``bf16``/``fp16`` on a CPU fall back to fp32 with a warning.
+    """
+    spec = (spec or "auto").strip().lower()
+    if spec not in PRECISION_CHOICES:
+        raise DeviceError(f"unknown precision '{spec}' (expected {'|'.join(PRECISION_CHOICES)})")
+    if device.type == "cpu":
+        if spec in ("bf16", "fp16"):
+            warnings.warn(f"precision {spec} is not used on the CPU; running in fp32", stacklevel=2)
+        return torch.float32
+    if spec == "fp32":
+        return torch.float32
+    if spec == "bf16":
+        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise DeviceError("bf16 requested but this GPU does not support it; use --precision fp16")
+        return torch.bfloat16
+    if spec == "fp16":
+        return torch.float16
+    # auto
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "mps":
+        return torch.float16
+    return torch.float32
+
+
+def autocast(device: torch.device, dtype: torch.dtype):
+    """Autocast context for ``dtype`` on ``device``; a no-op for fp32."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def set_threads(threads: int | None) -> None:
+    """Set torch's intra-op CPU threads; ``None`` or 0 keeps torch's default (all cores)."""
+    if threads:
+        torch.set_num_threads(int(threads))
+
+
+@dataclass
+class Compute:
+    """The resolved compute settings a pipeline runs with.
+
+    Build one with :meth:`Compute.create` from the CLI strings; pass it down explicitly.
+    """
+
+    device: torch.device
+    dtype: torch.dtype
+    batch_size: int = 64
+    seed: int = 0
+    threads: int | None = None
+
+    @classmethod
+    def create(
+        cls,
+        device: str = "auto",
+        precision: str = "auto",
+        batch_size: int = 64,
+        seed: int = 0,
+        threads: int | None = None,
+    ) -> "Compute":
+        dev = resolve_device(device)
+        dtype = resolve_precision(precision, dev)
+        set_threads(threads)
+        if dev.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+            torch.backends.cudnn.benchmark = True
+        return cls(device=dev, dtype=dtype, batch_size=batch_size, seed=seed, threads=threads)
+
+    def autocast(self):
+        """Autocast context for this compute's device and dtype."""
+        return autocast(self.device, self.dtype)
+
+    def describe(self) -> str:
+        """A short human-readable description, e.g. ``cuda:0 (NVIDIA H200), bf16``."""
+        name = str(self.device)
+        if self.device.type == "cuda":
+            index = self.device.index if self.device.index is not None else torch.cuda.current_device()
+            name = f"cuda:{index} ({torch.cuda.get_device_name(index)})"
+        elif self.device.type == "cpu":
+            name = f"cpu ({torch.get_num_threads()} threads)"
+        return f"{name}, {precision_name(self.dtype)}"
+
+
+def precision_name(dtype: torch.dtype) -> str:
+    return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, str(dtype))
+
+
+def machine_description() -> str:
+    """One line naming this machine's compute (for benchmark output)."""
+    import platform
+
+    parts = [platform.platform(), f"python {platform.python_version()}", f"torch {torch.__version__}"]
+    parts.append(f"cpu cores {os.cpu_count()}")
+    if torch.cuda.is_available():
+        parts.append(f"gpu {torch.cuda.get_device_name(0)} x{torch.cuda.device_count()}")
+    else:
+        parts.append("no gpu")
+    return ", ".join(parts)

@@ -1,0 +1,300 @@
+"""Image reading and atomic writing, used by every subcommand.
+
+Reading: JPEG, PNG, WebP, BMP, TIFF; EXIF orientation applied; grayscale, palette,
+CMYK and RGBA inputs become RGB (+ alpha kept separately); 16-bit PNG/TIFF keep 16 bits;
+a declared size above ``max_pixels`` is refused before decoding (decompression bombs);
+a corrupt, truncated, empty or non-image file raises :class:`ImageReadError`, whose
+message is one line naming the file and the reason.
+
+Writing: every output goes to a temporary file in the destination folder and is then
+renamed over the target, so an interrupted run never leaves a half-written file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
+DEFAULT_MAX_PIXELS = 200_000_000  # 200 MP; raise with --max-pixels for bigger scans
+
+# We do our own bomb check with a clear message; PIL's must not fire first.
+Image.MAX_IMAGE_PIXELS = None
+
+
+class ImageReadError(Exception):
+    """An input image that cannot be used. ``str()`` is ``"<path>: <reason>"``."""
+
+    def __init__(self, path: str | os.PathLike, reason: str) -> None:
+        self.path = str(path)
+        self.reason = reason
+        super().__init__(f"{self.path}: {reason}")
+
+
+@dataclass
+class LoadedImage:
+    """A decoded image in display orientation.
+
+    rgb: (H, W, 3) uint8 or uint16, RGB order. alpha: (H, W) of the same dtype, or None.
+    """
+
+    rgb: np.ndarray
+    alpha: np.ndarray | None
+    path: str
+
+    @property
+    def max_value(self) -> int:
+        return 65535 if self.rgb.dtype == np.uint16 else 255
+
+    @property
+    def height(self) -> int:
+        return int(self.rgb.shape[0])
+
+    @property
+    def width(self) -> int:
+        return int(self.rgb.shape[1])
+
+    def rgb_float(self) -> np.ndarray:
+        """(H, W, 3) float32 in [0, 1]."""
+        return self.rgb.astype(np.float32) / self.max_value
+
+    def alpha_float(self) -> np.ndarray | None:
+        """(H, W) float32 in [0, 1], or None."""
+        return None if self.alpha is None else self.alpha.astype(np.float32) / self.max_value
+
+    def rgb_uint8(self) -> np.ndarray:
+        """(H, W, 3) uint8 (16-bit images rounded down to 8 bits)."""
+        if self.rgb.dtype == np.uint8:
+            return self.rgb
+        return np.round(self.rgb.astype(np.float32) / 257.0).astype(np.uint8)
+
+
+def _exif_orientation(pil: Image.Image) -> int:
+    try:
+        return int(pil.getexif().get(0x0112, 1) or 1)
+    except Exception:  # noqa: BLE001 - broken EXIF must not reject a good image
+        return 1
+
+
+def apply_exif_orientation(array: np.ndarray, orientation: int) -> np.ndarray:
+    """Rotate/flip an (H, W, ...) array as EXIF orientation 1..8 prescribes."""
+    if orientation == 2:
+        return array[:, ::-1]
+    if orientation == 3:
+        return array[::-1, ::-1]
+    if orientation == 4:
+        return array[::-1]
+    if orientation == 5:
+        return np.swapaxes(array, 0, 1)
+    if orientation == 6:
+        return np.rot90(array, k=-1)
+    if orientation == 7:
+        return np.rot90(array, k=1)[::-1]  # transverse
+    if orientation == 8:
+        return np.rot90(array, k=1)
+    return array
+
+
+def _pil_to_arrays(pil: Image.Image) -> tuple[np.ndarray, np.ndarray | None]:
+    mode = pil.mode
+    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        gray = np.asarray(pil, dtype=np.int64)
+        gray = np.clip(gray, 0, 65535).astype(np.uint16)
+        return np.repeat(gray[..., None], 3, axis=2), None
+    if mode == "F":
+        gray = np.clip(np.asarray(pil, dtype=np.float32), 0.0, 1.0 if np.asarray(pil).max() <= 1 else 255.0)
+        scale = 65535.0 if gray.max() <= 1.0 else 257.0
+        gray16 = np.round(gray * scale).astype(np.uint16)
+        return np.repeat(gray16[..., None], 3, axis=2), None
+    has_alpha = mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in pil.info)
+    if has_alpha:
+        rgba = np.asarray(pil.convert("RGBA"))
+        return np.ascontiguousarray(rgba[..., :3]), np.ascontiguousarray(rgba[..., 3])
+    return np.asarray(pil.convert("RGB")), None
+
+
+def _read_16bit_cv2(data: np.ndarray) -> tuple[np.ndarray, np.ndarray | None] | None:
+    """Decode with OpenCV keeping 16 bits; None when the file is not 16-bit colour."""
+    decoded = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
+    if decoded is None or decoded.dtype != np.uint16:
+        return None
+    if decoded.ndim == 2:
+        return np.repeat(decoded[..., None], 3, axis=2), None
+    if decoded.shape[2] == 4:
+        rgb = cv2.cvtColor(decoded[..., :3], cv2.COLOR_BGR2RGB)
+        return rgb, np.ascontiguousarray(decoded[..., 3])
+    return cv2.cvtColor(decoded[..., :3], cv2.COLOR_BGR2RGB), None
+
+
+def read_image(path: str | os.PathLike, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> LoadedImage:
+    """Read one image file, upright, as RGB (+ alpha).
+
+    Raises :class:`ImageReadError` (one line: file and reason) for anything unusable.
+    """
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        raise ImageReadError(path, f"cannot read file ({exc.strerror or exc})") from None
+    if size == 0:
+        raise ImageReadError(path, "empty file (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            pil = Image.open(path)
+    except UnidentifiedImageError:
+        raise ImageReadError(path, "not an image (unrecognised format)") from None
+    except OSError as exc:
+        raise ImageReadError(path, f"cannot open image ({exc})") from None
+    with pil:
+        width, height = pil.size
+        if width <= 0 or height <= 0:
+            raise ImageReadError(path, f"invalid image size {width}x{height}")
+        if width * height > max_pixels:
+            raise ImageReadError(
+                path,
+                f"declared size {width}x{height} ({width * height / 1e6:.0f} MP) exceeds the "
+                f"limit of {max_pixels / 1e6:.0f} MP (possible decompression bomb; see --max-pixels)",
+            )
+        orientation = _exif_orientation(pil)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                pil.load()
+        except (OSError, SyntaxError, ValueError) as exc:
+            reason = str(exc) or exc.__class__.__name__
+            if "truncated" in reason.lower():
+                reason = "truncated or corrupt image data"
+            raise ImageReadError(path, f"cannot decode image ({reason})") from None
+        except Exception as exc:  # noqa: BLE001 - any decoder failure is a bad input
+            raise ImageReadError(path, f"cannot decode image ({exc.__class__.__name__}: {exc})") from None
+        fmt = (pil.format or "").upper()
+        arrays = None
+        if fmt in ("PNG", "TIFF"):
+            arrays = _read_16bit_cv2(np.fromfile(path, dtype=np.uint8))
+        if arrays is None:
+            try:
+                arrays = _pil_to_arrays(pil)
+            except Exception as exc:  # noqa: BLE001
+                raise ImageReadError(path, f"unsupported pixel format {pil.mode} ({exc})") from None
+    rgb, alpha = arrays
+    if orientation != 1:
+        rgb = np.ascontiguousarray(apply_exif_orientation(rgb, orientation))
+        if alpha is not None:
+            alpha = np.ascontiguousarray(apply_exif_orientation(alpha, orientation))
+    return LoadedImage(rgb=rgb, alpha=alpha, path=str(path))
+
+
+def to_tensor(array: np.ndarray) -> torch.Tensor:
+    """(H, W, C) uint8/uint16/float array -> (C, H, W) float32 tensor in [0, 1]."""
+    if array.dtype == np.uint8:
+        t = torch.from_numpy(np.ascontiguousarray(array)).float().div_(255.0)
+    elif array.dtype == np.uint16:
+        t = torch.from_numpy(array.astype(np.float32)).div_(65535.0)
+    else:
+        t = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
+    if t.ndim == 2:
+        t = t[..., None]
+    return t.permute(2, 0, 1).contiguous()
+
+
+def to_uint8(tensor: torch.Tensor) -> np.ndarray:
+    """(C, H, W) float tensor in [0, 1] -> (H, W, C) uint8 array (rounded, clamped)."""
+    t = tensor.detach().float().clamp(0, 1).mul(255.0).round().to(torch.uint8)
+    return t.permute(1, 2, 0).cpu().numpy()
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it over ``path`` on success.
+
+    On any exception the temporary file is removed and ``path`` is left untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (temporary file, fsync, rename)."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_save(path: str | os.PathLike, save: Callable[[Path], None]) -> None:
+    """Call ``save(tmp_path)`` and rename the result over ``path`` (for library writers)."""
+    with atomic_path(path) as tmp:
+        save(tmp)
+
+
+def encode_image(path: str | os.PathLike, rgb: np.ndarray, alpha: np.ndarray | None = None, *, quality: int = 95) -> bytes:
+    """Encode (H, W, 3) RGB uint8/uint16 (+ alpha) in the format named by ``path``'s suffix."""
+    suffix = Path(path).suffix.lower()
+    if suffix not in IMAGE_EXTENSIONS:
+        raise ValueError(f"{path}: unsupported output format '{suffix}' (use one of {', '.join(IMAGE_EXTENSIONS)})")
+    bgr = cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2BGR)
+    if alpha is not None and suffix in (".jpg", ".jpeg", ".bmp"):
+        alpha = None  # these formats have no alpha channel
+    if alpha is not None:
+        bgr = np.dstack([bgr, alpha.astype(bgr.dtype)])
+    if bgr.dtype == np.uint16 and suffix not in (".png", ".tif", ".tiff"):
+        bgr = np.round(bgr.astype(np.float32) / 257.0).astype(np.uint8)
+    params: list[int] = []
+    if suffix in (".jpg", ".jpeg"):
+        params = [cv2.IMWRITE_JPEG_QUALITY, int(quality)]
+    elif suffix == ".webp":
+        params = [cv2.IMWRITE_WEBP_QUALITY, int(quality)]
+    elif suffix == ".png":
+        params = [cv2.IMWRITE_PNG_COMPRESSION, 3]
+    ok, buf = cv2.imencode(suffix, bgr, params)
+    if not ok:
+        raise ValueError(f"{path}: could not encode image")
+    return buf.tobytes()
+
+
+def write_image(path: str | os.PathLike, rgb: np.ndarray, alpha: np.ndarray | None = None, *, quality: int = 95) -> None:
+    """Write an image atomically; the format follows the suffix (PNG is lossless)."""
+    atomic_write_bytes(path, encode_image(path, rgb, alpha, quality=quality))
+
+
+def is_image_file(path: Path) -> bool:
+    return path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS
+
+
+def iter_image_files(root: str | os.PathLike) -> list[Path]:
+    """All image files under ``root`` (recursively, sorted); ``root`` itself if it is a file."""
+    root = Path(root)
+    if root.is_file():
+        return [root]
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: no such file or folder")
+    files = [p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()]
+    return sorted(files)

@@ -1,0 +1,89 @@
+"""RRDB generator of ESRGAN, as used by IP-FSRGAN (Sec. III-A; nf=64, gc=32, 23 blocks).
+
+State-dict keys follow BasicSR's ``RRDBNet`` (conv_first, body.N.rdbK.convM, conv_body,
+conv_up1, conv_up2, conv_hr, conv_last), so published ESRGAN / Real-ESRGAN x4 RRDB
+weights load directly for initialisation and comparison.
+
+Input: (N, 3, h, w) RGB in [0, 1]. Output: (N, 3, 4h, 4w), not clamped.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class ResidualDenseBlock(nn.Module):
+    """Five densely connected 3x3 convs; output scaled by 0.2 and added to the input."""
+
+    def __init__(self, nf: int = 64, gc: int = 32) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(nf, gc, 3, 1, 1)
+        self.conv2 = nn.Conv2d(nf + gc, gc, 3, 1, 1)
+        self.conv3 = nn.Conv2d(nf + 2 * gc, gc, 3, 1, 1)
+        self.conv4 = nn.Conv2d(nf + 3 * gc, gc, 3, 1, 1)
+        self.conv5 = nn.Conv2d(nf + 4 * gc, nf, 3, 1, 1)
+        self.lrelu = nn.LeakyReLU(negative_slope=0.2, inplace=True)
+        for conv in (self.conv1, self.conv2, self.conv3, self.conv4, self.conv5):
+            nn.init.kaiming_normal_(conv.weight, a=0, mode="fan_in", nonlinearity="relu")
+            conv.weight.data.mul_(0.1)
+            nn.init.zeros_(conv.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x1 = self.lrelu(self.conv1(x))
+        x2 = self.lrelu(self.conv2(torch.cat((x, x1), 1)))
+        x3 = self.lrelu(self.conv3(torch.cat((x, x1, x2), 1)))
+        x4 = self.lrelu(self.conv4(torch.cat((x, x1, x2, x3), 1)))
+        x5 = self.conv5(torch.cat((x, x1, x2, x3, x4), 1))
+        return x5 * 0.2 + x
+
+
+class RRDB(nn.Module):
+    """Residual-in-residual dense block: three RDBs, residual scaling 0.2."""
+
+    def __init__(self, nf: int = 64, gc: int = 32) -> None:
+        super().__init__()
+        self.rdb1 = ResidualDenseBlock(nf, gc)
+        self.rdb2 = ResidualDenseBlock(nf, gc)
+        self.rdb3 = ResidualDenseBlock(nf, gc)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.rdb3(self.rdb2(self.rdb1(x))) * 0.2 + x
+
+
+class RRDBNet(nn.Module):
+    """ESRGAN generator, x4 by two nearest-neighbour + conv upsampling stages.
+
+    Args: nf feature channels, nb number of RRDB blocks, gc growth channels.
+    """
+
+    scale = 4
+
+    def __init__(self, in_ch: int = 3, out_ch: int = 3, nf: int = 64, nb: int = 23, gc: int = 32) -> None:
+        super().__init__()
+        self.arch_args = {"in_ch": in_ch, "out_ch": out_ch, "nf": nf, "nb": nb, "gc": gc}
+        self.conv_first = nn.Conv2d(in_ch, nf, 3, 1, 1)
+        self.body = nn.Sequential(*[RRDB(nf, gc) for _ in range(nb)])
+        self.conv_body = nn.Conv2d(nf, nf, 3, 1, 1)
+        self.conv_up1 = nn.Conv2d(nf, nf, 3, 1, 1)
+        self.conv_up2 = nn.Conv2d(nf, nf, 3, 1, 1)
+        self.conv_hr = nn.Conv2d(nf, nf, 3, 1, 1)
+        self.conv_last = nn.Conv2d(nf, out_ch, 3, 1, 1)
+        self.lrelu = nn.LeakyReLU(negative_slope=0.2, inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        feat = self.conv_first(x)
+        feat = feat + self.conv_body(self.body(feat))
+        feat = self.lrelu(self.conv_up1(F.interpolate(feat, scale_factor=2, mode="nearest")))
+        feat = self.lrelu(self.conv_up2(F.interpolate(feat, scale_factor=2, mode="nearest")))
+        return self.conv_last(self.lrelu(self.conv_hr(feat)))
+
+
+def rrdb_args_from_state_dict(state: dict[str, torch.Tensor]) -> dict[str, int]:
+    """Infer (in_ch, out_ch, nf, nb, gc) from a BasicSR-layout RRDBNet state dict."""
+    nf, in_ch = state["conv_first.weight"].shape[:2]
+    gc = state["body.0.rdb1.conv1.weight"].shape[0]
+    out_ch = state["conv_last.weight"].shape[0]
+    blocks = {int(k.split(".")[1]) for k in state if k.startswith("body.")}
+    return {"in_ch": int(in_ch), "out_ch": int(out_ch), "nf": int(nf), "nb": len(blocks), "gc": int(gc)}

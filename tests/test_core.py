@@ -1,0 +1,97 @@
+"""The shared compute core: device/precision policy, OOM back-off, bicubic degradation, atomic writes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fsr.core.batching import BatchSizer, run_batched
+from fsr.core.device import Compute, DeviceError, resolve_device, resolve_precision
+from fsr.core.io import atomic_path, read_image, to_tensor
+from fsr.data.degrade import alpha_degrade, bicubic_down
+from fsr.models.systems import load_sr_system
+
+from .conftest import LFW_DIR
+
+
+def test_cpu_never_runs_half_precision():
+    cpu = torch.device("cpu")
+    assert resolve_precision("auto", cpu) == torch.float32
+    with pytest.warns(UserWarning):
+        assert resolve_precision("fp16", cpu) == torch.float32
+    with pytest.warns(UserWarning):
+        assert resolve_precision("bf16", cpu) == torch.float32
+
+
+def test_bad_device_requests_are_clear_errors():
+    with pytest.raises(DeviceError, match="unknown device"):
+        resolve_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(DeviceError, match="CUDA is not available"):
+            resolve_device("cuda:0")
+    with pytest.raises(DeviceError, match="unknown precision"):
+        resolve_precision("int8", torch.device("cpu"))
+
+
+def test_run_batched_backs_off_on_out_of_memory():
+    seen: list[int] = []
+
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        seen.append(x.shape[0])
+        if x.shape[0] > 3:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 1 GiB")
+        return x * 2
+
+    sizer = BatchSizer(16)
+    out = run_batched(fn, torch.arange(10.0)[:, None], sizer)
+    assert torch.equal(out[:, 0], torch.arange(10.0) * 2)
+    assert sizer.batch_size == 2  # 16 -> 8 -> 4 -> 2 and it stays there
+    assert seen[:4] == [10, 8, 4, 2]
+
+
+def test_run_batched_reraises_other_errors():
+    def fn(x):
+        raise ValueError("boom")
+
+    with pytest.raises(ValueError, match="boom"):
+        run_batched(fn, torch.zeros(4, 1), 2)
+
+
+def test_bicubic_down_matches_pil_on_real_faces():
+    worst = 0
+    for path in sorted(LFW_DIR.glob("A*/*_0001.jpg"))[:8]:
+        rgb = read_image(path).rgb[61:189, 61:189]
+        ref = np.asarray(Image.fromarray(rgb).resize((32, 32), Image.BICUBIC)).astype(int)
+        ours = (bicubic_down(to_tensor(rgb)[None], 4)[0] * 255).round().permute(1, 2, 0).numpy().astype(int)
+        worst = max(worst, int(np.abs(ours - ref).max()))
+    assert worst <= 1
+
+
+def test_alpha_degrade_keeps_size_and_loses_detail():
+    rgb = read_image(sorted(LFW_DIR.glob("B*/*_0001.jpg"))[0]).rgb[61:189, 61:189]
+    lr = bicubic_down(to_tensor(rgb)[None], 4)
+    assert torch.equal(alpha_degrade(lr, 1.0), lr)
+    errors = [float((alpha_degrade(lr, a) - lr).abs().mean()) for a in (0.8, 0.5, 0.2)]
+    assert all(alpha_degrade(lr, a).shape == lr.shape for a in (0.8, 0.5, 0.2))
+    assert errors[0] < errors[1] < errors[2]
+    with pytest.raises(ValueError):
+        alpha_degrade(lr, 0.0)
+
+
+def test_atomic_path_leaves_nothing_on_failure(tmp_path):
+    target = tmp_path / "out.bin"
+    target.write_bytes(b"old")
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as tmp:
+            tmp.write_bytes(b"half")
+            raise RuntimeError("interrupted")
+    assert target.read_bytes() == b"old"
+    assert list(tmp_path.iterdir()) == [target]
+
+
+def test_bicubic_system_upscales_x4():
+    system = load_sr_system("bicubic", Compute.create("cpu"))
+    out = system(torch.rand(3, 3, 32, 32))
+    assert out.shape == (3, 3, 128, 128) and 0 <= float(out.min()) and float(out.max()) <= 1
