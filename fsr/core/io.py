@@ -28,6 +28,9 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 DEFAULT_MAX_PIXELS = 200_000_000  # 200 MP; raise with --max-pixels for bigger scans
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
 # We do our own bomb check with a clear message; PIL's must not fire first.
 Image.MAX_IMAGE_PIXELS = None
 
@@ -228,6 +231,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
+    os.chmod(tmp_path, 0o666 & ~_UMASK)  # mkstemp makes 0600; outputs get the usual permissions
     try:
         yield tmp_path
         os.replace(tmp_path, path)

@@ -1,0 +1,128 @@
+"""Image reading on real photos and on the bad inputs a user's folder can hold."""
+
+from __future__ import annotations
+
+import os
+
+import cv2
+import numpy as np
+import pytest
+from PIL import Image
+
+from fsr.core.io import ImageReadError, iter_image_files, read_image, write_image
+from tests.conftest import LFW_DIR, WILD_DIR
+
+def make_declared_huge_png(path, width: int, height: int) -> None:
+    """A tiny PNG file whose header declares width x height pixels (a decompression bomb's shape)."""
+    import io
+    import struct
+    import zlib
+
+    buf = io.BytesIO()
+    Image.new("L", (1, 1)).save(buf, format="PNG")
+    data = bytearray(buf.getvalue())
+    ihdr = data.index(b"IHDR")
+    data[ihdr + 4 : ihdr + 12] = struct.pack(">II", width, height)
+    data[ihdr + 17 : ihdr + 21] = struct.pack(">I", zlib.crc32(bytes(data[ihdr : ihdr + 17])))
+    path.write_bytes(bytes(data))
+
+
+FACE = LFW_DIR / "Aaron_Eckhart" / "Aaron_Eckhart_0001.jpg"
+
+
+@pytest.fixture(scope="module")
+def face_rgb() -> np.ndarray:
+    return np.asarray(Image.open(FACE).convert("RGB"))
+
+
+def test_reads_real_jpeg_as_rgb_uint8(face_rgb):
+    image = read_image(FACE)
+    assert image.rgb.dtype == np.uint8 and image.rgb.shape == (250, 250, 3)
+    assert image.alpha is None
+    np.testing.assert_array_equal(image.rgb, face_rgb)
+
+
+def test_exif_rotation_is_applied():
+    path = WILD_DIR / "img102.jpg"  # EXIF orientation 6 (rotate 90 degrees clockwise)
+    with Image.open(path) as pil:
+        assert pil.getexif().get(0x0112) == 6
+        stored = np.asarray(pil.convert("RGB"))
+    image = read_image(path)
+    assert image.rgb.shape == (stored.shape[1], stored.shape[0], 3)
+    np.testing.assert_array_equal(image.rgb, np.rot90(stored, k=-1))
+
+
+def test_made_exif_rotated_photo(tmp_path, face_rgb):
+    crop = face_rgb[:, :200]  # not square, so a wrong rotation shows in the shape
+    path = tmp_path / "rotated.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 8  # display = stored rotated 90 degrees counter-clockwise
+    Image.fromarray(crop).save(path, quality=98, exif=exif)
+    image = read_image(path)
+    assert image.rgb.shape == (200, 250, 3)
+    expected = np.rot90(np.asarray(Image.open(path).convert("RGB")), k=1)
+    np.testing.assert_array_equal(image.rgb, expected)
+
+
+def test_grayscale_rgba_cmyk_and_16bit(tmp_path, face_rgb):
+    gray = np.asarray(Image.fromarray(face_rgb).convert("L"))
+    Image.fromarray(gray).save(tmp_path / "gray.png")
+    image = read_image(tmp_path / "gray.png")
+    assert image.rgb.shape == (250, 250, 3)
+    np.testing.assert_array_equal(image.rgb[..., 0], gray)
+    np.testing.assert_array_equal(image.rgb[..., 2], gray)
+
+    alpha = np.tile(np.linspace(0, 255, 250).astype(np.uint8), (250, 1))
+    Image.fromarray(np.dstack([face_rgb, alpha])).save(tmp_path / "rgba.png")
+    image = read_image(tmp_path / "rgba.png")
+    np.testing.assert_array_equal(image.rgb, face_rgb)
+    np.testing.assert_array_equal(image.alpha, alpha)
+
+    Image.fromarray(face_rgb).convert("CMYK").save(tmp_path / "cmyk.jpg", quality=100)
+    image = read_image(tmp_path / "cmyk.jpg")
+    assert image.rgb.shape == (250, 250, 3) and image.rgb.dtype == np.uint8
+    assert np.abs(image.rgb.astype(int) - face_rgb.astype(int)).mean() < 8
+
+    rgb16 = face_rgb.astype(np.uint16) * 257 + 100
+    cv2.imwrite(str(tmp_path / "deep.png"), cv2.cvtColor(rgb16, cv2.COLOR_RGB2BGR))
+    image = read_image(tmp_path / "deep.png")
+    assert image.rgb.dtype == np.uint16
+    np.testing.assert_array_equal(image.rgb, rgb16)
+    assert np.abs(image.rgb_uint8().astype(int) - face_rgb.astype(int)).max() <= 1
+
+
+@pytest.mark.parametrize(
+    "make, reason",
+    [
+        (lambda p: p.write_bytes(b""), "empty file"),
+        (lambda p: p.write_text("this is not a picture\n"), "not an image"),
+        (lambda p: p.write_bytes(FACE.read_bytes()[:3000]), "cannot decode"),
+    ],
+    ids=["zero-byte", "text-named-jpg", "truncated-jpeg"],
+)
+def test_bad_files_raise_one_line_errors_naming_the_file(tmp_path, make, reason):
+    path = tmp_path / "bad.jpg"
+    make(path)
+    with pytest.raises(ImageReadError) as info:
+        read_image(path)
+    message = str(info.value)
+    assert message.startswith(str(path) + ": ")
+    assert reason in message and "\n" not in message
+
+
+def test_huge_declared_size_is_refused_before_decoding(tmp_path):
+    path = tmp_path / "bomb.png"
+    make_declared_huge_png(path, 40000, 40000)  # 1.6 gigapixels declared, ~70 bytes on disk
+    with pytest.raises(ImageReadError, match="declared size 40000x40000 .* exceeds the limit"):
+        read_image(path)
+    with pytest.raises(ImageReadError, match="exceeds the limit"):
+        read_image(FACE, max_pixels=250 * 249)  # the limit applies to ordinary files too
+    assert read_image(FACE, max_pixels=250 * 250).rgb.shape == (250, 250, 3)
+
+
+def test_write_image_is_lossless_png_and_leaves_no_temporaries(tmp_path, face_rgb):
+    out = tmp_path / "sub" / "face.png"
+    write_image(out, face_rgb)
+    np.testing.assert_array_equal(read_image(out).rgb, face_rgb)
+    assert sorted(os.listdir(out.parent)) == ["face.png"]
+    assert [p.name for p in iter_image_files(tmp_path)] == ["face.png"]
