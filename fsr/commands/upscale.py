@@ -1,10 +1,106 @@
-"""`fsr upscale` (being built: see the open issue)."""
+"""`fsr upscale IN OUT`: super-resolve face crops and the faces in photos (fsr.upscale)."""
 
 from __future__ import annotations
 
-from fsr.commands.common import fail
+import signal
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from fsr.commands.common import (
+    BatchSizeOpt,
+    DeviceOpt,
+    PrecisionOpt,
+    ThreadsOpt,
+    console,
+    err_console,
+    fail,
+    make_compute,
+)
+from fsr.core.io import DEFAULT_MAX_PIXELS
+from fsr.upscale import UpscaleError, UpscaleOptions, UpscaleSummary, throughput, upscale_path, write_report
 
 
-def upscale_command() -> None:
-    """Not available yet in this build."""
-    fail("fsr upscale is not available yet in this build")
+def _terminate_as_interrupt(signum, frame):  # noqa: ARG001
+    """SIGTERM unwinds like Ctrl-C, so temporary output files are removed on the way out."""
+    raise KeyboardInterrupt
+
+
+def upscale_command(
+    src: Path = typer.Argument(..., metavar="IN", help="An image file, or a folder walked recursively."),
+    dst: Path = typer.Argument(..., metavar="OUT", help="Output folder (the input's structure is mirrored), or an output file for a single input."),
+    mode: str = typer.Option(
+        "auto", "--mode", help="faces: inputs are face crops | photo: detect and super-resolve faces in whole photos | "
+        "auto: per image, long side <= 160 px and aspect <= 1.25 -> faces, else photo."
+    ),
+    model: str = typer.Option("default", "--model", help="default | bicubic | NAME in the weights folders | PATH (.safetensors + .json card, or BasicSR RRDB .pth)."),
+    scale: int = typer.Option(4, "--scale", min=1, max=16, help="Output size factor (photo: whole image; faces: the crop)."),
+    threshold: int = typer.Option(
+        64, "--threshold", "--min-face", min=0,
+        help="Photo mode (paper Fig. 2): only faces whose box is smaller than PX input pixels go through the model; larger ones keep the classical upscale. 0 = every face.",
+    ),
+    margin: float = typer.Option(0.25, "--margin", help="Photo mode: face crop margin per side, as a fraction of the box side."),
+    detect_min_face: int = typer.Option(20, "--detect-min-face", min=8, help="Photo mode: smallest face (px) the detector looks for."),
+    detect_max_pixels: int = typer.Option(
+        12_000_000, "--detect-max-pixels", min=100_000,
+        help="Photo mode: bigger photos are shrunk to this many pixels for face detection only (bounds the detector's memory).",
+    ),
+    out_format: str = typer.Option("same", "--format", help="Output format: same | png | jpg | webp."),
+    suffix: str = typer.Option("", "--suffix", help="Appended to each output file's stem, e.g. _x4."),
+    quality: int = typer.Option(95, "--quality", min=1, max=100, help="JPEG/WebP quality."),
+    skip_existing: bool = typer.Option(
+        True, "--skip-existing/--overwrite", help="Skip inputs whose output already exists (default), or overwrite them."
+    ),
+    report: Path | None = typer.Option(None, "--report", help="Write per-image results to this .json or .csv file."),
+    tile: int = typer.Option(512, "--tile", min=16, help="Tile side (input px) for the classical upscale; bounds the extra memory."),
+    max_pixels: int = typer.Option(DEFAULT_MAX_PIXELS, "--max-pixels", min=1, help="Refuse inputs larger than this many pixels."),
+    device: str = DeviceOpt,
+    precision: str = PrecisionOpt,
+    batch_size: int = BatchSizeOpt,
+    threads: int = ThreadsOpt,
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress bar."),
+) -> None:
+    """Upscale face crops (faces mode) or whole photos with super-resolved faces (photo mode)."""
+    if report is not None and report.suffix.lower() not in (".json", ".csv"):
+        fail(f"{report}: the report must end in .json or .csv")
+    options = UpscaleOptions(
+        mode=mode, model=model, scale=scale, threshold=threshold, margin=margin, detect_min_face=detect_min_face,
+        detect_max_pixels=detect_max_pixels,
+        out_format=out_format.lower().lstrip("."), suffix=suffix, quality=quality, overwrite=not skip_existing,
+        max_pixels=max_pixels, tile=tile, show_progress=progress,
+    )
+    compute = make_compute(device, precision, batch_size, threads)
+    signal.signal(signal.SIGTERM, _terminate_as_interrupt)
+    try:
+        summary = upscale_path(src, dst, options, compute)
+    except UpscaleError as exc:
+        fail(str(exc))
+    except KeyboardInterrupt:
+        fail("interrupted; finished outputs are kept, re-run the same command to continue", code=130)
+    for result in summary.results:
+        if result.status == "failed":
+            err_console.print(f"[yellow]skipped[/] {result.input}: {result.reason}", highlight=False, soft_wrap=True)
+    if report is not None:
+        write_report(report, summary)
+    console.print(_summary_table(summary))
+    if report is not None:
+        console.print(f"report: {report}")
+    if not summary.succeeded:
+        fail("no image could be upscaled", code=1)
+
+
+def _summary_table(summary: UpscaleSummary) -> Table:
+    table = Table(title="fsr upscale", show_header=True)
+    table.add_column("item")
+    table.add_column("value", justify="right")
+    table.add_row("upscaled", str(summary.done))
+    table.add_row("already done (skipped)", str(summary.skipped))
+    table.add_row("bad inputs (skipped)", str(summary.failed))
+    modes = summary.modes
+    table.add_row("faces mode / photo mode", f"{modes.get('faces', 0)} / {modes.get('photo', 0)}")
+    table.add_row("faces found / super-resolved", f"{summary.faces_found} / {summary.faces_sr}")
+    table.add_row("model", summary.model)
+    table.add_row("device", summary.device)
+    table.add_row("time", f"{summary.seconds:.1f} s ({throughput(summary):.2f} img/s)")
+    return table

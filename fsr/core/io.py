@@ -200,6 +200,8 @@ def read_image(path: str | os.PathLike, *, max_pixels: int = DEFAULT_MAX_PIXELS)
 
 def to_tensor(array: np.ndarray) -> torch.Tensor:
     """(H, W, C) uint8/uint16/float array -> (C, H, W) float32 tensor in [0, 1]."""
+    if not array.flags.writeable:
+        array = np.array(array)  # torch refuses read-only buffers without a warning
     if array.dtype == np.uint8:
         t = torch.from_numpy(np.ascontiguousarray(array)).float().div_(255.0)
     elif array.dtype == np.uint16:
