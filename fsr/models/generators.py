@@ -8,10 +8,13 @@ from __future__ import annotations
 
 from torch import nn
 
+from fsr.models.baselines import SRCNN, SRResNet
 from fsr.models.rrdb import RRDBNet
 
 GENERATORS: dict[str, type[nn.Module]] = {
     "rrdb": RRDBNet,
+    "srresnet": SRResNet,
+    "srcnn": SRCNN,
 }
 
 

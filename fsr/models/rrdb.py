@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fsr.data.degrade import resize_bicubic
+
 
 class ResidualDenseBlock(nn.Module):
     """Five densely connected 3x3 convs; output scaled by 0.2 and added to the input."""
@@ -53,37 +55,74 @@ class RRDB(nn.Module):
 
 
 class RRDBNet(nn.Module):
-    """ESRGAN generator, x4 by two nearest-neighbour + conv upsampling stages.
+    """ESRGAN generator, x4.
 
     Args: nf feature channels, nb number of RRDB blocks, gc growth channels.
+    upsampler: ``"nearest"`` (ESRGAN/BasicSR: two nearest-neighbour x2 + conv stages and two
+    convs at full resolution; BasicSR key names) or ``"pixelshuffle"`` (one conv to
+    ``out_ch * 16`` channels at LR resolution + PixelShuffle(4): all convs run at LR
+    resolution, about 5x cheaper for small nf; keys ``conv_up_ps``).
+    bicubic_skip: add the bicubic upsampling of the input to the output, so the network
+    learns the residual over bicubic (VDSR-style; trains much faster from scratch). The
+    bicubic is fsr's one antialiased bicubic (``fsr.data.degrade``), as the 'bicubic' system.
     """
 
     scale = 4
 
-    def __init__(self, in_ch: int = 3, out_ch: int = 3, nf: int = 64, nb: int = 23, gc: int = 32) -> None:
+    def __init__(
+        self,
+        in_ch: int = 3,
+        out_ch: int = 3,
+        nf: int = 64,
+        nb: int = 23,
+        gc: int = 32,
+        upsampler: str = "nearest",
+        bicubic_skip: bool = False,
+    ) -> None:
         super().__init__()
+        if upsampler not in ("nearest", "pixelshuffle"):
+            raise ValueError(f"upsampler must be 'nearest' or 'pixelshuffle', got {upsampler!r}")
         self.arch_args = {"in_ch": in_ch, "out_ch": out_ch, "nf": nf, "nb": nb, "gc": gc}
+        if upsampler != "nearest" or bicubic_skip:
+            self.arch_args.update(upsampler=upsampler, bicubic_skip=bicubic_skip)
+        self.upsampler = upsampler
+        self.bicubic_skip = bicubic_skip
         self.conv_first = nn.Conv2d(in_ch, nf, 3, 1, 1)
         self.body = nn.Sequential(*[RRDB(nf, gc) for _ in range(nb)])
         self.conv_body = nn.Conv2d(nf, nf, 3, 1, 1)
-        self.conv_up1 = nn.Conv2d(nf, nf, 3, 1, 1)
-        self.conv_up2 = nn.Conv2d(nf, nf, 3, 1, 1)
-        self.conv_hr = nn.Conv2d(nf, nf, 3, 1, 1)
-        self.conv_last = nn.Conv2d(nf, out_ch, 3, 1, 1)
+        if upsampler == "nearest":
+            self.conv_up1 = nn.Conv2d(nf, nf, 3, 1, 1)
+            self.conv_up2 = nn.Conv2d(nf, nf, 3, 1, 1)
+            self.conv_hr = nn.Conv2d(nf, nf, 3, 1, 1)
+            self.conv_last = nn.Conv2d(nf, out_ch, 3, 1, 1)
+        else:
+            self.conv_up_ps = nn.Conv2d(nf, out_ch * 16, 3, 1, 1)
+            if bicubic_skip:  # start as the identity over bicubic: residual branch begins near zero
+                nn.init.zeros_(self.conv_up_ps.bias)
+                self.conv_up_ps.weight.data.mul_(0.1)
         self.lrelu = nn.LeakyReLU(negative_slope=0.2, inplace=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         feat = self.conv_first(x)
         feat = feat + self.conv_body(self.body(feat))
-        feat = self.lrelu(self.conv_up1(F.interpolate(feat, scale_factor=2, mode="nearest")))
-        feat = self.lrelu(self.conv_up2(F.interpolate(feat, scale_factor=2, mode="nearest")))
-        return self.conv_last(self.lrelu(self.conv_hr(feat)))
+        if self.upsampler == "nearest":
+            feat = self.lrelu(self.conv_up1(F.interpolate(feat, scale_factor=2, mode="nearest")))
+            feat = self.lrelu(self.conv_up2(F.interpolate(feat, scale_factor=2, mode="nearest")))
+            out = self.conv_last(self.lrelu(self.conv_hr(feat)))
+        else:
+            out = F.pixel_shuffle(self.conv_up_ps(feat), 4)
+        if self.bicubic_skip:
+            out = out + resize_bicubic(x, (x.shape[-2] * 4, x.shape[-1] * 4)).to(out.dtype)
+        return out
 
 
 def rrdb_args_from_state_dict(state: dict[str, torch.Tensor]) -> dict[str, int]:
     """Infer (in_ch, out_ch, nf, nb, gc) from a BasicSR-layout RRDBNet state dict."""
     nf, in_ch = state["conv_first.weight"].shape[:2]
-    gc = state["body.0.rdb1.conv1.weight"].shape[0]
-    out_ch = state["conv_last.weight"].shape[0]
+    gc = state["body.0.rdb1.conv1.weight"].shape[0] if "body.0.rdb1.conv1.weight" in state else 32
     blocks = {int(k.split(".")[1]) for k in state if k.startswith("body.")}
-    return {"in_ch": int(in_ch), "out_ch": int(out_ch), "nf": int(nf), "nb": len(blocks), "gc": int(gc)}
+    if "conv_last.weight" in state:
+        out_ch = state["conv_last.weight"].shape[0]
+        return {"in_ch": int(in_ch), "out_ch": int(out_ch), "nf": int(nf), "nb": len(blocks), "gc": int(gc)}
+    out_ch = state["conv_up_ps.weight"].shape[0] // 16
+    return {"in_ch": int(in_ch), "out_ch": int(out_ch), "nf": int(nf), "nb": len(blocks), "gc": int(gc), "upsampler": "pixelshuffle"}

@@ -1,0 +1,207 @@
+"""Training-step speed: BasicSR-style eager fp32 vs fsr's optimised step, same device, one run.
+
+Four timings at one batch size (16 by default), random weights, random faces:
+  baseline GAN   ESRGAN step as BasicSR does it: G + VGG-128 D + VGG19 perceptual + L1,
+                 fp32, NCHW, plain Adam, separate real/fake D passes, per-step .item() logging
+  baseline L1    the same generator with an L1 loss only
+  fsr full       fsr's IP-FSRGAN step (fsr.train.step.SRTrainer): G + D + VGG19 perceptual +
+                 identity loss (Eq. 5, dlib) + L1, with bf16 autocast, channels_last, fused
+                 Adam, on-device batches (+ --compile / --cuda-graphs)
+  fsr L1         fsr's step with the L1 loss only
+
+The VGG19 is randomly initialised unless --vgg-weights is given (speed does not depend on
+the weights). Usage:
+  python benchmarks/train_step.py --device cuda                  # ESRGAN size (nf 64, nb 23)
+  python benchmarks/train_step.py --device cuda --compile --cuda-graphs
+  python benchmarks/train_step.py --device cpu --nf 16 --nb 2 --steps 5   # small CPU config
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from fsr.core.device import Compute, machine_description, precision_name  # noqa: E402
+from fsr.data.dataset import FaceArrays, FaceBatcher, IdentityBatchSampler  # noqa: E402
+from fsr.models.discriminator import VGGStyleDiscriminator  # noqa: E402
+from fsr.models.rrdb import RRDBNet  # noqa: E402
+from fsr.models.vgg import VGG19Features  # noqa: E402
+from fsr.train.config import build_config  # noqa: E402
+from fsr.train.losses import IdentityFeatures, PerceptualFeatures  # noqa: E402
+from fsr.train.step import LossNetworks, SRTrainer  # noqa: E402
+
+TEMPLATE = np.array([[45, 55], [83, 55], [64, 72], [50, 90], [78, 90]], np.float32)
+
+
+def random_faces(n: int, ids: int, seed: int = 0) -> FaceArrays:
+    rng = np.random.default_rng(seed)
+    return FaceArrays(
+        hr=rng.integers(0, 256, size=(n, 128, 128, 3), dtype=np.uint8), lr=None,
+        landmarks=np.repeat(TEMPLATE[None], n, 0), identity=np.arange(n) % ids,
+        identity_names=[str(i) for i in range(ids)], split=np.array(["train"] * n), face_ids=np.arange(n).astype(str),
+        source="random")
+
+
+def time_loop(step_fn, steps: int, warmup: int, device: torch.device) -> float:
+    """Steps per second of ``step_fn(i)`` after ``warmup`` untimed steps."""
+    for i in range(warmup):
+        step_fn(i)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    for i in range(warmup, warmup + steps):
+        step_fn(i)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return steps / (time.perf_counter() - t0)
+
+
+def basicsr_style_steps(args, device, vgg: VGG19Features, batches):
+    """Eager fp32 ESRGAN step following BasicSR's ESRGANModel.optimize_parameters."""
+    torch.manual_seed(0)
+    net_g = RRDBNet(nf=args.nf, nb=args.nb, gc=args.gc).to(device)
+    net_d = VGGStyleDiscriminator(nf=64).to(device)
+    vgg = copy.deepcopy(vgg).to(device)
+    opt_g = torch.optim.Adam(net_g.parameters(), lr=1e-4, betas=(0.9, 0.99))
+    opt_d = torch.optim.Adam(net_d.parameters(), lr=1e-4, betas=(0.9, 0.99))
+    bce = torch.nn.BCEWithLogitsLoss()
+
+    def gan_step(i):
+        lq, gt = batches(i)
+        for p in net_d.parameters():
+            p.requires_grad = False
+        opt_g.zero_grad()
+        output = net_g(lq)
+        l_pix = 0.01 * F.l1_loss(output, gt)
+        l_percep = 1.0 * F.l1_loss(vgg(output)[0], vgg(gt)[0].detach())
+        real_d_pred = net_d(gt).detach()
+        fake_g_pred = net_d(output)
+        l_g_real = bce(real_d_pred - fake_g_pred.mean(), torch.zeros_like(real_d_pred))
+        l_g_fake = bce(fake_g_pred - real_d_pred.mean(), torch.ones_like(fake_g_pred))
+        l_g_gan = 0.005 * (l_g_real + l_g_fake) / 2
+        (l_pix + l_percep + l_g_gan).backward()
+        opt_g.step()
+        for p in net_d.parameters():
+            p.requires_grad = True
+        opt_d.zero_grad()
+        fake_d_pred = net_d(output).detach()
+        real_d_pred = net_d(gt)
+        l_d_real = bce(real_d_pred - fake_d_pred.mean(), torch.ones_like(real_d_pred)) * 0.5
+        l_d_real.backward()
+        fake_d_pred = net_d(output.detach())
+        l_d_fake = bce(fake_d_pred - real_d_pred.detach().mean(), torch.zeros_like(fake_d_pred)) * 0.5
+        l_d_fake.backward()
+        opt_d.step()
+        _ = {k: v.item() for k, v in {"l_pix": l_pix, "l_p": l_percep, "l_g": l_g_gan, "l_d": l_d_real + l_d_fake}.items()}
+
+    def l1_step(i):
+        lq, gt = batches(i)
+        opt_g.zero_grad()
+        l_pix = F.l1_loss(net_g(lq), gt)
+        l_pix.backward()
+        opt_g.step()
+        _ = l_pix.item()
+
+    return gan_step, l1_step
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--precision", default="auto", help="fsr step precision (auto: bf16 on GPU)")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--nf", type=int, default=64)
+    parser.add_argument("--nb", type=int, default=23)
+    parser.add_argument("--gc", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--compile", action="store_true", help="torch.compile in the fsr step")
+    parser.add_argument("--cuda-graphs", action="store_true", help="compile with CUDA graphs (reduce-overhead)")
+    parser.add_argument("--vgg-weights", default="", help="torchvision VGG19 checkpoint (random weights if absent)")
+    parser.add_argument("--id-model", default="dlib")
+    parser.add_argument("--id-weights", default="")
+    parser.add_argument("--skip-baseline", action="store_true")
+    parser.add_argument("--json", default="", help="also write the figures to this JSON file")
+    args = parser.parse_args()
+
+    compute = Compute.create(args.device, args.precision, args.batch_size, 0, args.threads or None)
+    device = compute.device
+    print(f"machine: {machine_description()}")
+    print(f"device: {compute.describe()}; batch {args.batch_size}; RRDB nf={args.nf} nb={args.nb} gc={args.gc}")
+    vgg = (VGG19Features.from_checkpoint(args.vgg_weights) if args.vgg_weights else VGG19Features(("conv5_4",)))
+    identity = None
+    try:
+        from fsr.models.face import create_face_model
+
+        identity = IdentityFeatures(create_face_model(args.id_model, weights=args.id_weights or None, compute=compute))
+    except Exception as exc:  # noqa: BLE001
+        print(f"warning: identity network unavailable, fsr full step runs without Eq. 5: {exc}")
+
+    arrays = random_faces(256, 64)
+    results: dict[str, float] = {}
+
+    if not args.skip_baseline:
+        plain = FaceBatcher(arrays, np.arange(len(arrays)), device, flip=False, on_device=True)
+        sampler = IdentityBatchSampler(plain.identity_np, args.batch_size)
+
+        def batches(i):
+            b = plain.make(*sampler.batch(i))
+            return b.lr, b.hr
+
+        gan_step, l1_step = basicsr_style_steps(args, device, vgg, batches)
+        results["baseline_gan_fp32_eager"] = time_loop(gan_step, args.steps, args.warmup, device)
+        print(f"baseline GAN step (BasicSR-style, fp32 eager): {results['baseline_gan_fp32_eager']:.3g} it/s")
+        results["baseline_l1_fp32_eager"] = time_loop(l1_step, args.steps, args.warmup, device)
+        print(f"baseline L1 step  (fp32 eager):                 {results['baseline_l1_fp32_eager']:.2f} it/s")
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def fsr_trainer(preset_overrides: list[str], with_identity: bool, with_vgg: bool) -> tuple[SRTrainer, callable]:
+        overrides = [f"model.nf={args.nf}", f"model.nb={args.nb}", f"model.gc={args.gc}",
+                     f"train.batch_size={args.batch_size}", f"compute.compile={args.compile}",
+                     f"compute.cuda_graphs={args.cuda_graphs}", *preset_overrides]
+        cfg = build_config("ipfsrgan", overrides=overrides)
+        losses = LossNetworks(identity=identity if with_identity else None,
+                              perceptual=PerceptualFeatures("vgg", copy.deepcopy(vgg)) if with_vgg else None)
+        trainer = SRTrainer(cfg, compute, losses)
+        batcher = FaceBatcher(arrays, np.arange(len(arrays)), device, flip=True, on_device=True,
+                              channels_last=trainer.channels_last)
+        sampler = IdentityBatchSampler(batcher.identity_np, args.batch_size)
+
+        def step(i):
+            trainer.train_step(batcher.make(*sampler.batch(i)), i)
+
+        return trainer, step
+
+    _, full = fsr_trainer(["loss.weights=paper"] + ([] if identity is not None else ["loss.identity=0"]),
+                          identity is not None, True)
+    label = "fsr full step (G + D + VGG + identity + L1)" if identity is not None else "fsr full step (G + D + VGG + L1; no identity net)"
+    results["fsr_full"] = time_loop(full, args.steps, args.warmup, device)
+    print(f"{label}, {precision_name(compute.dtype)}: {results['fsr_full']:.3g} it/s")
+    del full
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    _, l1 = fsr_trainer(["loss.gan=none", "loss.identity=0", "loss.perceptual_net=none"], False, False)
+    results["fsr_l1"] = time_loop(l1, args.steps, args.warmup, device)
+    print(f"fsr L1 step, {precision_name(compute.dtype)}: {results['fsr_l1']:.3g} it/s")
+    if "baseline_gan_fp32_eager" in results:
+        print(f"speed-up full step vs baseline GAN: {results['fsr_full'] / results['baseline_gan_fp32_eager']:.2f}x; "
+              f"L1: {results['fsr_l1'] / results['baseline_l1_fp32_eager']:.2f}x")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"machine": machine_description(), "device": compute.describe(),
+                                               "args": vars(args), "it_per_s": results}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,344 @@
+"""fsr train on real faces prepared by `fsr prepare`: batches, configs, a tiny run whose loss
+falls, exact resume after SIGKILL, atomic checkpoints, export, the identity loss on real faces,
+and a 2-process gloo DDP run."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from fsr.cli import app
+from tests.conftest import CELEBA_DIR, REPO
+
+FSR = [sys.executable, "-m", "fsr.cli"]
+TINY = ["--set", "model.nf=8", "--set", "model.nb=1", "--set", "model.gc=8", "--set", "model.d_nf=8"]
+TINY_OPTIONS = {"model.nf": 8, "model.nb": 1, "model.gc": 8, "model.d_nf": 8}
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory) -> Path:
+    """Six CelebA identities x 5 photos, prepared by the real `fsr prepare` (1 identity in val)."""
+    src = tmp_path_factory.mktemp("celeba_src")
+    identities = sorted(p for p in CELEBA_DIR.iterdir() if p.is_dir())[:6]
+    for identity in identities:
+        (src / identity.name).mkdir()
+        for photo in sorted(identity.glob("*.jpg"))[:5]:
+            shutil.copy(photo, src / identity.name / photo.name)
+    dst = tmp_path_factory.mktemp("prepared") / "faces"
+    result = CliRunner().invoke(app, ["prepare", str(src), str(dst), "--val-fraction", "0.2", "--test-fraction", "0",
+                                      "--device", "cpu", "--threads", "2", "--workers", "2", "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert (dst / "manifest.csv").is_file()
+    return dst
+
+
+def _run_cli(args: list[str]) -> None:
+    result = CliRunner().invoke(app, ["train", *args])
+    assert result.exit_code == 0, result.output
+
+
+def _log(run_dir: Path, kind: str) -> list[dict]:
+    return [r for r in map(json.loads, (run_dir / "log.jsonl").read_text().splitlines()) if r["kind"] == kind]
+
+
+# --- data --------------------------------------------------------------------------------------
+
+def test_identity_batches_always_hold_pairs_and_flips_mirror_landmarks(prepared):
+    from fsr.data.dataset import FaceBatcher, IdentityBatchSampler, load_face_arrays, split_train_val
+
+    arrays = load_face_arrays(prepared, with_lr=True)
+    train, val = split_train_val(arrays)
+    assert len(train) >= 20 and len(val) >= 4
+    assert not set(arrays.identity[train]) & set(arrays.identity[val])
+    sampler = IdentityBatchSampler(arrays.identity[train], batch_size=8, faces_per_identity=2, seed=3)
+    for step in range(50):
+        idx, flips = sampler.batch(step)
+        ids = arrays.identity[train][idx]
+        assert len(idx) == 8 and len(set(ids)) < len(ids)  # at least one same-identity pair
+        again, flips_again = sampler.batch(step)
+        assert np.array_equal(idx, again) and np.array_equal(flips, flips_again)
+    assert not np.array_equal(sampler.batch(0)[0], sampler.batch(1)[0])
+
+    for lr_source in ("disk", "bicubic"):
+        batcher = FaceBatcher(arrays, train, torch.device("cpu"), lr_source=lr_source, flip=True, on_device=True)
+        idx = np.array([0, 1])
+        plain = batcher.make(idx, np.array([False, False]))
+        flipped = batcher.make(idx, np.array([True, False]))
+        assert torch.equal(flipped.hr[0], plain.hr[0].flip(-1)) and torch.equal(flipped.hr[1], plain.hr[1])
+        assert torch.allclose(flipped.lr[0], plain.lr[0].flip(-1), atol=1.5 / 255)
+        # left eye of the mirrored face = mirrored right eye of the original, and so on
+        lm, lm_f = plain.landmarks[0], flipped.landmarks[0]
+        for a, b in ((0, 1), (1, 0), (2, 2), (3, 4), (4, 3)):
+            assert float(lm_f[a, 0]) == pytest.approx(127 - float(lm[b, 0]))
+            assert float(lm_f[a, 1]) == pytest.approx(float(lm[b, 1]))
+        assert plain.lr.shape == (2, 3, 32, 32) and plain.hr.shape == (2, 3, 128, 128)
+    # LR made on the fly equals the prepared LR crops (same bicubic_down) within a grey level or two
+    disk = FaceBatcher(arrays, train, torch.device("cpu"), lr_source="disk", flip=False).make(np.arange(8))
+    made = FaceBatcher(arrays, train, torch.device("cpu"), lr_source="bicubic", flip=False).make(np.arange(8))
+    assert float((disk.lr - made.lr).abs().max()) <= 2.5 / 255
+
+
+def test_face_cache_round_trip(prepared, tmp_path):
+    from fsr.data.dataset import load_face_arrays, write_face_cache
+
+    cache = write_face_cache(prepared, tmp_path / "faces.npz", with_lr=True, progress=False)
+    a = load_face_arrays(prepared, with_lr=True, splits=("train", "val"))
+    b = load_face_arrays(cache, with_lr=True)
+    assert np.array_equal(a.hr, b.hr) and np.array_equal(a.lr, b.lr)
+    assert np.array_equal(a.landmarks, b.landmarks) and np.array_equal(a.split, b.split)
+    assert [a.identity_names[i] for i in a.identity] == [b.identity_names[i] for i in b.identity]
+    assert cache.stat().st_size < a.hr.nbytes  # compressed
+    small = write_face_cache(prepared, tmp_path / "faces_jpeg.npz", jpeg_quality=95, progress=False)
+    c = load_face_arrays(small)
+    assert small.stat().st_size < cache.stat().st_size / 3
+    assert c.hr.shape == a.hr.shape and np.abs(c.hr.astype(int) - a.hr.astype(int)).mean() < 3
+    assert np.array_equal(c.identity, a.identity) and np.array_equal(c.face_ids, a.face_ids)
+
+
+def test_config_presets_files_and_overrides(tmp_path):
+    from fsr.train.config import ConfigError, build_config
+
+    paper = build_config("ipfsrgan")
+    w = paper.loss.resolved_weights()
+    assert (w.adversarial, w.identity, w.perceptual, w.pixel) == (0.005, 10.0, 0.01, 1.0)
+    assert (paper.model.arch, paper.model.nf, paper.model.nb, paper.model.gc) == ("rrdb", 64, 23, 32)
+    assert (paper.optim.lr_g, paper.optim.beta1, paper.optim.beta2) == (2e-4, 0.9, 0.999)
+    assert build_config("esrgan").loss.resolved_weights().identity == 0.0
+    assert build_config("srgan").model.arch == "srresnet"
+    assert build_config("srcnn").loss.resolved_weights().adversarial == 0.0
+    toml = tmp_path / "c.toml"
+    toml.write_text('preset = "esrgan"\n[model]\nnf = 16\n[loss]\nweights = "public-code"\nmargin = 0.3\n')
+    cfg = build_config(config_file=toml, overrides=["train.lr=1e-4", "model.nb=2"])
+    assert cfg.preset == "esrgan" and cfg.model.nf == 16 and cfg.model.nb == 2 and cfg.loss.margin == 0.3
+    assert cfg.optim.lr_g == cfg.optim.lr_d == 1e-4
+    assert cfg.loss.resolved_weights().perceptual == 1.0 and cfg.loss.resolved_weights().pixel == 0.01
+    yml = tmp_path / "c.yaml"
+    yml.write_text("train:\n  batch_size: 8\ncompute:\n  deterministic: true\n")
+    assert build_config(config_file=yml).train.batch_size == 8
+    for bad in (["train.nope=1"], ["train.steps=ten"], ["loss.gan=wgan"], ["nodot=1"]):
+        with pytest.raises(ConfigError):
+            build_config(overrides=bad)
+
+
+# --- training ------------------------------------------------------------------------------------
+
+def test_tiny_l1_training_loss_falls_and_export_upscales(prepared, tmp_path):
+    from fsr.core.device import Compute
+    from fsr.data.dataset import FaceBatcher, load_face_arrays, split_train_val
+    from fsr.models.systems import load_sr_system
+
+    run = tmp_path / "run"
+    _run_cli([str(prepared), "--run-dir", str(run), "--preset", "esrgan", "--perceptual", "none", "--steps", "40",
+              "--batch-size", "8", "--device", "cpu", "--threads", "2", "--no-progress", "--export", "tiny",
+              *TINY, "--set", "loss.gan=none", "--set", "optim.lr_g=2e-3", "--set", "train.ema_decay=0.9",
+              "--set", "train.log_every=5", "--set", "train.val_every=20", "--set", "train.checkpoint_every=20"])
+    train = _log(run, "train")
+    assert len(train) == 8 and all(np.isfinite(r["l_pixel"]) for r in train)
+    assert train[-1]["l_pixel"] < 0.6 * train[0]["l_pixel"], [r["l_pixel"] for r in train]
+    val = _log(run, "val")
+    assert len(val) == 2 and val[1]["psnr"] > val[0]["psnr"]
+    assert (run / "config.yaml").is_file() and (run / "best" / "generator.safetensors").is_file()
+    assert list((run / "samples").glob("*.png")) and list((run / "tb").iterdir())
+
+    card = json.loads((run / "export" / "tiny.json").read_text())
+    for key in ("architecture", "arch_args", "scale", "input_size", "data", "steps", "config", "metrics", "command", "hardware"):
+        assert key in card
+    assert card["steps"] == 40 and card["arch_args"]["nf"] == 8 and card["data"]["train_faces"] >= 20
+    system = load_sr_system(str(run / "export" / "tiny.safetensors"), Compute.create("cpu"))
+    arrays = load_face_arrays(prepared, with_lr=True)
+    _, val_idx = split_train_val(arrays)
+    faces = FaceBatcher(arrays, val_idx, torch.device("cpu"), lr_source="disk", flip=False).all_faces()
+    sr = system.upscale(faces.lr)
+    assert sr.shape == faces.hr.shape and float(sr.min()) >= 0 and float(sr.max()) <= 1
+    psnr = float(10 * torch.log10(1 / ((sr - faces.hr) ** 2).mean()))
+    assert psnr == pytest.approx(val[-1]["psnr"], abs=0.5)  # the export is the validated EMA generator
+
+    # a finished run dir is never overwritten without --resume; resuming at the final step only re-exports
+    again = CliRunner().invoke(app, ["train", str(prepared), "--run-dir", str(run), "--steps", "40", "--no-progress"])
+    assert again.exit_code == 2 and "--resume" in again.output
+    _run_cli([str(prepared), "--run-dir", str(run), "--resume", "--no-progress", "--export", "again"])
+    assert torch.equal(load_file(str(run / "export" / "again.safetensors"))["conv_first.weight"],
+                       load_file(str(run / "export" / "tiny.safetensors"))["conv_first.weight"])
+
+
+def _ckpt_tensors(run: Path, step: int) -> dict[str, dict[str, torch.Tensor]]:
+    folder = run / "checkpoints" / f"step_{step:08d}"
+    return {f.stem: load_file(str(f)) for f in folder.glob("*.safetensors")}
+
+
+def test_resume_after_sigkill_reproduces_uninterrupted_weights(prepared, tmp_path):
+    from fsr.train.loop import resolve_run_config, run_training
+
+    common = ["--preset", "esrgan", "--perceptual", "none", "--batch-size", "4", "--device", "cpu", "--threads", "1",
+              "--deterministic", "--no-progress", *TINY, "--set", "train.checkpoint_every=2",
+              "--set", "train.val_every=0", "--set", "train.sample_every=0", "--set", "train.keep_checkpoints=50"]
+    total = 16
+    # interrupted run: started long, SIGKILLed once a checkpoint exists, then resumed to `total` steps
+    killed = tmp_path / "killed"
+    errors = tmp_path / "stderr.txt"
+    with open(errors, "wb") as err:
+        proc = subprocess.Popen([*FSR, "train", str(prepared), "--run-dir", str(killed), "--steps", "400", *common],
+                                cwd=REPO, stdout=subprocess.DEVNULL, stderr=err)
+    deadline = time.time() + 240
+    while time.time() < deadline and not (killed / "checkpoints" / "step_00000004").exists():
+        if proc.poll() is not None:
+            pytest.fail(f"training process ended early: {errors.read_text()[-2000:]}")
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    from fsr.train.checkpoint import find_latest_checkpoint
+
+    killed_at = find_latest_checkpoint(killed / "checkpoints").step
+    assert 4 <= killed_at < total
+    torch_threads = torch.get_num_threads()
+    try:
+        config = resolve_run_config(killed, resume=True, options={"train.steps": total})
+        resumed = run_training(prepared, killed, config, resume=True)
+        assert resumed.start_step == killed_at and resumed.step == total
+        # uninterrupted reference run
+        straight = tmp_path / "straight"
+        config = resolve_run_config(straight, resume=False, preset="esrgan", overrides=[
+            "loss.perceptual_net=none", "train.batch_size=4", "compute.device=cpu", "compute.threads=1",
+            "compute.deterministic=true", "train.progress=false", "train.checkpoint_every=2", "train.val_every=0",
+            "train.sample_every=0", *(f"{k}={v}" for k, v in TINY_OPTIONS.items()), f"train.steps={total}"])
+        run_training(prepared, straight, config)
+    finally:
+        torch.set_num_threads(torch_threads)
+    a, b = _ckpt_tensors(straight, total), _ckpt_tensors(killed, total)
+    assert set(a) == set(b) == {"generator", "generator_ema", "discriminator"}
+    for name in a:
+        for key in a[name]:
+            assert torch.equal(a[name][key], b[name][key]), f"{name}.{key} differs after resume"
+    # and training did move the weights
+    first = _ckpt_tensors(killed, 4)["generator"]
+    assert not torch.equal(first["conv_first.weight"], a["generator"]["conv_first.weight"])
+
+
+def test_half_written_checkpoints_are_never_read(tmp_path):
+    from fsr.train.checkpoint import find_latest_checkpoint, save_checkpoint
+
+    root = tmp_path / "checkpoints"
+    models = {"generator": {"w": torch.arange(4.0)}}
+    save_checkpoint(root, 2, models, {"optimizer_g": {}}, keep=5)
+    save_checkpoint(root, 4, {"generator": {"w": torch.arange(4.0) * 2}}, {"optimizer_g": {}}, keep=5)
+    # what a SIGKILL can leave behind: a temporary folder, a renamed folder without its marker
+    # (impossible with os.replace, but guard anyway), a checkpoint whose file was truncated later
+    (root / ".tmp-step_00000006-1-1").mkdir()
+    (root / ".tmp-step_00000006-1-1" / "generator.safetensors").write_bytes(b"\x00" * 10)
+    (root / "step_00000008").mkdir()
+    (root / "step_00000008" / "generator.safetensors").write_bytes(b"half")
+    save_checkpoint(root, 10, {"generator": {"w": torch.ones(4)}}, {"optimizer_g": {}}, keep=5)
+    with open(root / "step_00000010" / "generator.safetensors", "r+b") as fh:
+        fh.truncate(20)
+    latest = find_latest_checkpoint(root)
+    assert latest.step == 4
+    assert torch.equal(latest.load_models()["generator"]["w"], torch.arange(4.0) * 2)
+    assert latest.load_state()["step"] == 4
+    # the next save cleans up temporary folders and keeps only `keep` complete checkpoints
+    save_checkpoint(root, 12, models, {"optimizer_g": {}}, keep=1)
+    names = sorted(p.name for p in root.iterdir())
+    assert ".tmp-step_00000006-1-1" not in names and "step_00000002" not in names and "step_00000012" in names
+
+
+def test_missing_vgg_weights_is_a_one_line_error(prepared, tmp_path):
+    result = CliRunner().invoke(app, ["train", str(prepared), "--run-dir", str(tmp_path / "r"), "--steps", "1",
+                                      "--device", "cpu", "--no-progress", *TINY])
+    assert result.exit_code == 2 and "--vgg-weights" in result.output
+
+
+def test_ipfsrgan_step_with_identity_loss_on_real_faces(prepared, tmp_path):
+    from fsr.core.device import Compute
+    from fsr.data.dataset import FaceBatcher, IdentityBatchSampler, load_face_arrays, split_train_val
+    from fsr.train.config import build_config
+    from fsr.train.loop import build_loss_networks
+    from fsr.train.step import SRTrainer
+
+    cfg = build_config("ipfsrgan", overrides=["loss.perceptual_net=identity", "compute.device=cpu",
+                                              *(f"{k}={v}" for k, v in TINY_OPTIONS.items())])
+    compute = Compute.create("cpu", "fp32", 4)
+    losses = _identity_losses_or_skip(cfg, compute, build_loss_networks)
+    trainer = SRTrainer(cfg, compute, losses)
+    arrays = load_face_arrays(prepared)
+    train, _ = split_train_val(arrays)
+    batcher = FaceBatcher(arrays, train, compute.device)
+    sampler = IdentityBatchSampler(batcher.identity_np, 4)
+    d_before = {k: v.clone() for k, v in trainer.discriminator.state_dict().items()}
+    logs = trainer.train_step(batcher.make(*sampler.batch(0)), 0)
+    for key in ("l_pixel", "l_perceptual", "l_identity", "id_positive", "id_negative", "l_adv_g", "l_d"):
+        assert key in logs and torch.isfinite(logs[key]), key
+    assert float(logs["l_identity"]) > 0
+    assert not torch.equal(d_before["conv0_0.weight"], trainer.discriminator.state_dict()["conv0_0.weight"])
+
+
+def _identity_losses_or_skip(cfg, compute, build):
+    from fsr.core.weights import WeightsError
+    from fsr.train.loop import TrainingError
+
+    try:
+        return build(cfg, compute)
+    except (TrainingError, WeightsError) as exc:
+        if "not found" in str(exc):
+            pytest.skip(f"dlib weights not available yet: {exc}")
+        raise
+
+
+def test_identity_loss_separates_same_and_different_people_on_real_faces(prepared):
+    from fsr.core.device import Compute
+    from fsr.data.dataset import FaceBatcher, load_face_arrays
+    from fsr.train.config import build_config
+    from fsr.train.loop import build_loss_networks
+    from fsr.train.losses import identity_loss, same_identity_matrix
+
+    compute = Compute.create("cpu", "fp32", 16)
+    losses = _identity_losses_or_skip(build_config("ipfsrgan", overrides=["loss.perceptual_net=none"]), compute,
+                                      build_loss_networks)
+    arrays = load_face_arrays(prepared)
+    faces = FaceBatcher(arrays, np.arange(len(arrays)), compute.device, flip=False).all_faces()
+    with torch.no_grad():
+        emb = losses.identity.embed(faces.hr, faces.landmarks)
+        # the LR faces brought back by bicubic: what the generator starts from
+        from fsr.data.degrade import bicubic_up
+
+        emb_up = losses.identity.embed(bicubic_up(faces.lr), faces.landmarks)
+    same = same_identity_matrix(faces.identity)
+    cosine = emb @ emb.t()
+    off = ~torch.eye(len(emb), dtype=torch.bool)
+    pos, neg = cosine[same & off].mean(), cosine[~same].mean()
+    assert float(pos) > float(neg) + 0.3, (float(pos), float(neg))  # centred descriptors separate people
+    assert float(neg) < 0.3
+    # Eq. 5 with the true labels is far lower than with shuffled labels
+    true_loss, parts = identity_loss(emb_up, emb, same, margin=0.0)
+    perm = torch.randperm(len(emb), generator=torch.Generator().manual_seed(0))
+    wrong_loss, _ = identity_loss(emb_up, emb, same_identity_matrix(faces.identity[perm]), margin=0.0)
+    assert float(true_loss) < float(wrong_loss)
+    assert float(parts["cos_positive"]) > float(parts["cos_negative"]) + 0.3
+
+
+def test_ddp_two_processes_gloo(prepared, tmp_path):
+    run = tmp_path / "ddp"
+    torchrun = Path(sys.executable).with_name("torchrun")
+    cmd = [str(torchrun), "--standalone", "--nproc-per-node", "2", "-m", "fsr.cli", "train", str(prepared),
+           "--run-dir", str(run), "--preset", "esrgan", "--perceptual", "none", "--steps", "3", "--batch-size", "4",
+           "--device", "cpu", "--threads", "1", "--no-progress", *TINY, "--set", "train.log_every=1",
+           "--export", "ddp"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ddp = _log(run, "ddp")
+    assert ddp == [{"step": 3, "kind": "ddp", "world_size": 2, "replicas_in_sync": True}]
+    assert len(_log(run, "train")) == 3
+    assert (run / "checkpoints" / "step_00000003" / "COMPLETE").is_file()
+    assert json.loads((run / "export" / "ddp.json").read_text())["hardware"]["processes"] == 2
