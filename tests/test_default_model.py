@@ -1,0 +1,55 @@
+"""The shipped default model: checksummed, described by its card, and better than bicubic
+on LFW faces it never saw (identities named in pairs.txt are never trained on)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import torch
+
+from fsr.core.device import Compute
+from fsr.core.io import read_image, to_tensor
+from fsr.core.weights import SHIPPED_WEIGHTS_DIR, sha256_file, shipped_checksums
+from fsr.data.degrade import bicubic_down, resize_bicubic
+from fsr.models.systems import DEFAULT_MODEL_NAME, load_sr_system
+
+from .conftest import LFW_DIR, SHARED_DATA
+
+
+def _pairs_identities() -> list[str]:
+    names: set[str] = set()
+    for line in (SHARED_DATA / "lfw" / "pairs.txt").read_text().splitlines()[1:]:
+        parts = line.split()
+        names.update([parts[0]] if len(parts) == 3 else [parts[0], parts[2]])
+    return sorted(names)
+
+
+def test_default_model_is_checksummed_and_carded():
+    weights = SHIPPED_WEIGHTS_DIR / f"{DEFAULT_MODEL_NAME}.safetensors"
+    assert shipped_checksums()[weights.name] == sha256_file(weights)
+    card = json.loads(weights.with_suffix(".json").read_text())
+    assert card["architecture"] == "rrdb" and card["scale"] == 4 and card["input_size"] == 32
+    assert "lfw_pairs_evaluation" in card and "command" in card and "training_data" in card
+
+
+def test_default_model_beats_bicubic_on_unseen_lfw_faces():
+    # 32 evaluation identities (named in pairs.txt, so never in the training data); the face
+    # sits in the centre of LFW's deep-funneled images: a 160-px centre square ~ fsr's crop.
+    names = _pairs_identities()[::130][:32]
+    hr = []
+    for name in names:
+        rgb = read_image(sorted((LFW_DIR / name).glob("*.jpg"))[0]).rgb[45:205, 45:205]
+        hr.append(resize_bicubic(to_tensor(rgb)[None], 128).clamp(0, 1)[0])
+    hr_t = torch.stack(hr)
+    lr = (bicubic_down(hr_t, 4) * 255).round() / 255
+    model = load_sr_system("default", Compute.create("cpu", batch_size=16))
+    bicubic = load_sr_system("bicubic")
+
+    def psnr(x: torch.Tensor) -> np.ndarray:
+        mse = ((x - hr_t) ** 2).mean(dim=(1, 2, 3))
+        return (10 * torch.log10(1 / mse)).numpy()
+
+    gain = psnr(model(lr)) - psnr(bicubic(lr))
+    assert gain.mean() > 1.5, gain.mean()
+    assert (gain > 0).mean() >= 0.9  # better on nearly every face, not only on average
