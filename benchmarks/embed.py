@@ -20,7 +20,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from fsr.core.device import Compute, machine_description  # noqa: E402
+from fsr.core.device import Compute, machine_description, synchronize  # noqa: E402
 from fsr.models.face import FACE_MODELS, create_face_model  # noqa: E402
 
 
@@ -29,11 +29,6 @@ def build(name: str, compute: Compute):
         return create_face_model("dlib", compute=compute)
     cls, _ = FACE_MODELS[name]
     return cls().freeze().place(compute)  # random weights, published layout
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def time_model(model, compute: Compute, batch: int, faces: int, backward: bool) -> float:

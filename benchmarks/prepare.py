@@ -24,17 +24,12 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from fsr.core.device import Compute, machine_description  # noqa: E402
+from fsr.core.device import Compute, machine_description, synchronize  # noqa: E402
 from fsr.core.io import read_image  # noqa: E402
 from fsr.data.prepare import PrepareConfig, prepare_dataset  # noqa: E402
 from fsr.detect.mtcnn import MTCNN  # noqa: E402
 
 LFW = REPO.parent / "shared" / "data" / "lfw" / "lfw-deepfunneled"
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def bench_detect(files: list[Path], compute: Compute, repeats: int) -> tuple[float, float]:

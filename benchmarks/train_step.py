@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fsr.core.device import Compute, machine_description, precision_name  # noqa: E402
+from fsr.core.device import Compute, machine_description, precision_name, synchronize  # noqa: E402
 from fsr.data.dataset import FaceArrays, FaceBatcher, IdentityBatchSampler  # noqa: E402
 from fsr.models.discriminator import VGGStyleDiscriminator  # noqa: E402
 from fsr.models.rrdb import RRDBNet  # noqa: E402
@@ -56,13 +56,11 @@ def time_loop(step_fn, steps: int, warmup: int, device: torch.device) -> float:
     """Steps per second of ``step_fn(i)`` after ``warmup`` untimed steps."""
     for i in range(warmup):
         step_fn(i)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    synchronize(device)
     t0 = time.perf_counter()
     for i in range(warmup, warmup + steps):
         step_fn(i)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    synchronize(device)
     return steps / (time.perf_counter() - t0)
 
 

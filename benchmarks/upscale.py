@@ -30,15 +30,10 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from fsr.core.device import Compute, machine_description, precision_name  # noqa: E402
+from fsr.core.device import Compute, machine_description, synchronize, precision_name  # noqa: E402
 from fsr.core.weights import find_weights  # noqa: E402
 from fsr.models.rrdb import RRDBNet  # noqa: E402
 from fsr.models.systems import DEFAULT_MODEL_NAME, SRSystem, load_sr_system  # noqa: E402
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def time_system(system: SRSystem, faces: int, repeats: int) -> float:

@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from fsr.core.batching import make_progress
-from fsr.core.device import Compute, machine_description
+from fsr.core.device import Compute, machine_description, synchronize
 from fsr.core.io import atomic_path, atomic_write_text
 from fsr.core.weights import write_json
 from fsr.data.degrade import alpha_degrade
@@ -459,8 +459,7 @@ def run_sweep(
                 else:
                     progress.advance(task, n)
                 results[name][alpha] = verify(emb)
-    if compute.device.type == "cuda":
-        torch.cuda.synchronize()
+    synchronize(compute.device)
     t_embed = time.perf_counter() - t1
     return SweepResult(
         alphas=alphas,
