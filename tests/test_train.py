@@ -90,6 +90,37 @@ def test_identity_batches_always_hold_pairs_and_flips_mirror_landmarks(prepared)
     assert float((disk.lr - made.lr).abs().max()) <= 2.5 / 255
 
 
+def test_alpha_augmentation_degrades_a_fraction_as_the_sweep_does(prepared):
+    """data.alpha_augment: the chosen faces get exactly verify-sweep's alpha_degrade, the others
+    are untouched, and the choice is a pure function of the step (exact resume)."""
+    from fsr.data.degrade import alpha_degrade
+    from fsr.data.dataset import FaceBatcher, load_face_arrays, split_train_val
+
+    arrays = load_face_arrays(prepared)
+    train, _ = split_train_val(arrays)
+    plain = FaceBatcher(arrays, train, torch.device("cpu"), flip=False)
+    augmented = FaceBatcher(arrays, train, torch.device("cpu"), flip=False, alpha_augment=0.5, alpha_min=0.1, seed=4)
+    idx = np.arange(16)
+    sizes_seen = []
+    for step in range(6):
+        sizes = augmented.degraded_sizes(step, 16)
+        assert np.array_equal(sizes, augmented.degraded_sizes(step, 16))
+        sizes_seen.append(sizes)
+        clean, batch = plain.make(idx), augmented.make(idx, step=step)
+        assert torch.equal(batch.hr, clean.hr)
+        for i, side in enumerate(sizes):
+            if side == 0:
+                assert torch.equal(batch.lr[i], clean.lr[i])
+            else:
+                assert 3 <= side <= 31
+                expected = alpha_degrade(clean.lr[i : i + 1], side / 32)[0]
+                torch.testing.assert_close(batch.lr[i], expected)
+                assert float((batch.lr[i] - clean.lr[i]).abs().max()) > 0.02  # really degraded
+    counts = np.concatenate(sizes_seen) > 0
+    assert 0.25 < counts.mean() < 0.75  # about half of 96 faces
+    assert torch.equal(plain.make(idx, step=3).lr, plain.make(idx).lr)  # off by default
+
+
 def test_face_cache_round_trip(prepared, tmp_path):
     from fsr.data.dataset import load_face_arrays, write_face_cache
 

@@ -23,10 +23,11 @@ import numpy as np
 import torch
 
 from fsr.core.io import atomic_path
-from fsr.data.degrade import bicubic_down
+from fsr.data.degrade import bicubic_down, resize_bicubic
 
 HR_SIZE = 128
 SCALE = 4
+LR_SIZE = HR_SIZE // SCALE
 # MTCNN landmark order: left eye, right eye, nose, mouth left, mouth right. A horizontal
 # flip swaps left and right.
 FLIP_LANDMARK_ORDER = [1, 0, 2, 4, 3]
@@ -297,7 +298,8 @@ class FaceBatcher:
 
     def __init__(self, arrays: FaceArrays, indices: np.ndarray, device: torch.device, *,
                  lr_source: str = "bicubic", flip: bool = True, on_device: bool = True,
-                 channels_last: bool = False) -> None:
+                 channels_last: bool = False, alpha_augment: float = 0.0, alpha_min: float = 0.1,
+                 seed: int = 0, rank: int = 0) -> None:
         if lr_source == "disk" and arrays.lr is None:
             raise DatasetError("data.lr_source=disk but the LR crops were not loaded")
         self.device = device
@@ -313,6 +315,9 @@ class FaceBatcher:
         self.identity_np = arrays.identity[sel]
         self.identity = torch.from_numpy(self.identity_np).to(store)
         self._pin = store.type == "cpu" and device.type == "cuda"
+        self.alpha_augment = float(alpha_augment)
+        self.alpha_min = float(alpha_min)
+        self.seed, self.rank = int(seed), int(rank)
 
     def __len__(self) -> int:
         return int(self.hr.shape[0])
@@ -325,8 +330,26 @@ class FaceBatcher:
             return host.to(device)
         return host.pin_memory().to(device, non_blocking=True)
 
-    def make(self, indices: np.ndarray, flips: np.ndarray | None = None) -> FaceBatch:
-        """Gather faces ``indices`` (into this batcher's subset), flip where ``flips``, make LR."""
+    def degraded_sizes(self, step: int, n: int) -> np.ndarray:
+        """LR side per face for step ``step`` (0 = not degraded): a pure function of (seed, step, rank).
+
+        A fraction ``alpha_augment`` of the faces gets a side drawn uniformly from
+        [round(32 alpha_min), 31], the degradation ``verify-sweep`` applies (``alpha_degrade``).
+        """
+        if self.alpha_augment <= 0:
+            return np.zeros(n, dtype=np.int64)
+        rng = np.random.default_rng([self.seed, int(step), self.rank, 0xA1FA])
+        low = max(1, round(LR_SIZE * self.alpha_min))
+        sizes = rng.integers(low, LR_SIZE, size=n)
+        return np.where(rng.random(n) < self.alpha_augment, sizes, 0)
+
+    def make(self, indices: np.ndarray, flips: np.ndarray | None = None, step: int | None = None) -> FaceBatch:
+        """Gather faces ``indices`` (into this batcher's subset), flip where ``flips``, make LR.
+
+        With ``step`` and ``alpha_augment > 0``, some LR faces are further degraded as in the
+        paper's Sec. V (resize to a smaller side and back to 32x32, antialiased bicubic), so
+        the model also learns the inputs ``verify-sweep`` gives it.
+        """
         idx = self._to(torch.from_numpy(np.asarray(indices, np.int64)), self.store_device)
         hr = self.hr.index_select(0, idx)
         lr = self.lr.index_select(0, idx) if self.lr is not None else None
@@ -348,12 +371,26 @@ class FaceBatcher:
             landmarks = torch.where(mask[:, None, None], flip_landmarks(landmarks, hr.shape[-1]), landmarks)
         if lr is None:
             lr = quantize(bicubic_down(hr, SCALE))
+        if step is not None and self.alpha_augment > 0:
+            lr = self._alpha_augment(lr, self.degraded_sizes(step, lr.shape[0]))
         if self.channels_last:
             hr = hr.contiguous(memory_format=torch.channels_last)
             lr = lr.contiguous(memory_format=torch.channels_last)
         else:
             hr, lr = hr.contiguous(), lr.contiguous()
         return FaceBatch(lr=lr, hr=hr, landmarks=landmarks, identity=identity)
+
+    @staticmethod
+    def _alpha_augment(lr: torch.Tensor, sizes: np.ndarray) -> torch.Tensor:
+        if not sizes.any():
+            return lr
+        lr = lr.clone()
+        h, w = lr.shape[-2:]
+        for side in np.unique(sizes[sizes > 0]):
+            rows = torch.from_numpy(np.flatnonzero(sizes == side)).to(lr.device)
+            small = resize_bicubic(lr.index_select(0, rows), (int(side), int(side))).clamp(0, 1)
+            lr[rows] = resize_bicubic(small, (h, w)).clamp(0, 1)
+        return lr
 
     def all_faces(self, limit: int = 0) -> FaceBatch:
         """The first ``limit`` faces (all when 0), unflipped: the validation batch."""
@@ -379,7 +416,7 @@ class Prefetcher:
             for step in range(self.start, self.end):
                 if self._stop.is_set():
                     return
-                batch = self.batcher.make(*self.sampler.batch(step))
+                batch = self.batcher.make(*self.sampler.batch(step), step=step)
                 while not self._stop.is_set():
                     try:
                         self._queue.put((step, batch), timeout=0.1)
@@ -393,7 +430,7 @@ class Prefetcher:
     def __iter__(self):
         if not self.threaded:
             for step in range(self.start, self.end):
-                yield step, self.batcher.make(*self.sampler.batch(step))
+                yield step, self.batcher.make(*self.sampler.batch(step), step=step)
             return
         self._thread = threading.Thread(target=self._produce, daemon=True, name="fsr-prefetch")
         self._thread.start()

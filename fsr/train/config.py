@@ -131,6 +131,8 @@ class DataConfig:
     val_split: str = "val"           # manifest split used for validation
     val_fraction: float = 0.05       # identities held out when the manifest has no val split
     max_faces: int = 0               # 0 = all training faces
+    alpha_augment: float = 0.0       # fraction of training LR faces further degraded by a random alpha (Sec. V)
+    alpha_min: float = 0.1           # smallest alpha drawn: LR side round(32 alpha) uniform in [round(32 alpha_min), 31]
 
 
 @dataclass
@@ -179,6 +181,10 @@ class Config:
                 raise ConfigError(f"{section}.{key}: '{value}' is not one of {' | '.join(allowed)}")
         if self.train.batch_size < 2:
             raise ConfigError("train.batch_size must be at least 2 (Eq. 5 needs pairs)")
+        if not 0.0 <= self.data.alpha_augment <= 1.0:
+            raise ConfigError(f"data.alpha_augment must be in [0, 1], got {self.data.alpha_augment}")
+        if not 0.0 < self.data.alpha_min < 1.0:
+            raise ConfigError(f"data.alpha_min must be in (0, 1), got {self.data.alpha_min}")
         if self.train.faces_per_identity < 1:
             raise ConfigError("train.faces_per_identity must be >= 1")
         if self.model.arch == "srcnn" and self.loss.resolved_weights().adversarial > 0:

@@ -131,7 +131,8 @@ def configure_determinism(config: Config) -> None:
 @torch.no_grad()
 def evaluate_generator(generator: torch.nn.Module | None, batch: FaceBatch, compute: Compute,
                        identity: IdentityFeatures | None, chunk: int = 32) -> tuple[dict, torch.Tensor]:
-    """PSNR (dB), SSIM and mean SR-HR identity cosine of ``generator`` on ``batch``
+    """PSNR (dB), SSIM, mean SR-HR identity cosine (normalised/centred embeddings) and mean
+    Euclidean distance of the raw embeddings (dlib's own measure) of ``generator`` on ``batch``
     (``None``: bicubic upsampling). Returns (metrics, SR images (N,3,128,128) [0,1])."""
     import piq
 
@@ -156,14 +157,17 @@ def evaluate_generator(generator: torch.nn.Module | None, batch: FaceBatch, comp
         "ssim": float(piq.ssim(sr, hr, data_range=1.0, reduction="mean")),
     }
     if identity is not None:
-        cos = []
+        cos, dist = [], []
         for start in range(0, sr.shape[0], chunk):
             sl = slice(start, start + chunk)
             with compute.autocast():
-                a = identity.embed(sr[sl], batch.landmarks[sl])
-                b = identity.embed(hr[sl], batch.landmarks[sl])
+                raw_a = identity.raw(sr[sl], batch.landmarks[sl])
+                raw_b = identity.raw(hr[sl], batch.landmarks[sl])
+            a, b = identity.model.normalize(raw_a), identity.model.normalize(raw_b)
             cos.append((a.float() * b.float()).sum(1))
+            dist.append((raw_a - raw_b).norm(dim=1))
         metrics["identity"] = float(torch.cat(cos).mean())
+        metrics["identity_distance"] = float(torch.cat(dist).mean())
     return metrics, sr
 
 
@@ -271,7 +275,9 @@ def _train(data, run_dir: Path, cfg: Config, compute: Compute, dist: DistInfo, r
 
     on_device = cfg.data.on_device
     batcher = FaceBatcher(arrays, train_idx, compute.device, lr_source=cfg.data.lr_source, flip=cfg.data.flip,
-                          on_device=on_device, channels_last=trainer.channels_last)
+                          on_device=on_device, channels_last=trainer.channels_last,
+                          alpha_augment=cfg.data.alpha_augment, alpha_min=cfg.data.alpha_min,
+                          seed=cfg.train.seed, rank=dist.rank)
     sampler = IdentityBatchSampler(batcher.identity_np, cfg.train.batch_size, cfg.train.faces_per_identity,
                                    seed=cfg.train.seed, rank=dist.rank)
     val_batch = None

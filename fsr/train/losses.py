@@ -167,8 +167,12 @@ class IdentityFeatures(nn.Module):
     def train(self, mode: bool = True) -> "IdentityFeatures":
         return super().train(False)
 
+    def raw(self, images: torch.Tensor, landmarks: torch.Tensor | None = None) -> torch.Tensor:
+        """(N, D) float32 embeddings as the model outputs them (dlib: 128-D descriptors)."""
+        return self.model(images, landmarks=landmarks).float()
+
     def embed(self, images: torch.Tensor, landmarks: torch.Tensor | None = None) -> torch.Tensor:
-        return self.model.normalize(self.model(images, landmarks=landmarks).float())
+        return self.model.normalize(self.raw(images, landmarks))
 
     def features(self, images: torch.Tensor, landmarks: torch.Tensor | None = None) -> list[torch.Tensor]:
         return list(self.model.features(images, landmarks=landmarks))
