@@ -91,6 +91,23 @@ def test_atomic_path_leaves_nothing_on_failure(tmp_path):
     assert list(tmp_path.iterdir()) == [target]
 
 
+def test_atomic_outputs_get_the_usual_permissions_even_when_the_writer_recreates_the_file(tmp_path):
+    import os
+    import stat
+
+    from fsr.core.weights import save_safetensors
+
+    umask = os.umask(0o022)
+    try:
+        save_safetensors({"w": torch.zeros(3)}, tmp_path / "w.safetensors")  # safetensors writes 0600 itself
+        with atomic_path(tmp_path / "plain.bin") as tmp:
+            tmp.write_bytes(b"x")
+    finally:
+        os.umask(umask)
+    for name in ("w.safetensors", "plain.bin"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o644, name
+
+
 def test_bicubic_system_upscales_x4():
     system = load_sr_system("bicubic", Compute.create("cpu"))
     out = system(torch.rand(3, 3, 32, 32))

@@ -33,6 +33,27 @@ def test_default_model_is_checksummed_and_carded():
     assert "lfw_pairs_evaluation" in card and "command" in card and "training_data" in card
 
 
+def test_default_model_is_the_recorded_interpolation_of_the_two_shipped_models(tmp_path):
+    """weights/fsr_default = 0.5 * fsr_l1 + 0.5 * fsr_identity, reproducible from the shipped files."""
+    from safetensors.torch import load_file
+
+    from fsr.models.interpolate import interpolate_exports
+
+    for name in ("fsr_l1", "fsr_identity"):
+        path = SHIPPED_WEIGHTS_DIR / f"{name}.safetensors"
+        assert shipped_checksums()[path.name] == sha256_file(path)
+        card = json.loads(path.with_suffix(".json").read_text())
+        assert card["lfw_pairs_evaluation"]["pixels_7700_faces"][name]["psnr_rgb"] > 29
+    card = json.loads((SHIPPED_WEIGHTS_DIR / f"{DEFAULT_MODEL_NAME}.json").read_text())
+    recipe = card["interpolation"]
+    assert recipe["weight"] == 0.5 and recipe["A"]["file"] == "fsr_l1.safetensors" and recipe["B"]["file"] == "fsr_identity.safetensors"
+    assert recipe["A"]["sha256"] == shipped_checksums()["fsr_l1.safetensors"]
+    out, _ = interpolate_exports(SHIPPED_WEIGHTS_DIR / "fsr_l1.safetensors", SHIPPED_WEIGHTS_DIR / "fsr_identity.safetensors",
+                                 0.5, tmp_path / "again.safetensors")
+    again, shipped = load_file(out), load_file(SHIPPED_WEIGHTS_DIR / f"{DEFAULT_MODEL_NAME}.safetensors")
+    assert again.keys() == shipped.keys() and all(torch.equal(again[k], shipped[k]) for k in shipped)
+
+
 def test_default_model_beats_bicubic_on_unseen_lfw_faces():
     # 32 evaluation identities (named in pairs.txt, so never in the training data); the face
     # sits in the centre of LFW's deep-funneled images: a 160-px centre square ~ fsr's crop.
