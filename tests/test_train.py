@@ -180,6 +180,8 @@ def test_tiny_l1_training_loss_falls_and_export_upscales(prepared, tmp_path):
     assert train[-1]["l_pixel"] < 0.6 * train[0]["l_pixel"], [r["l_pixel"] for r in train]
     val = _log(run, "val")
     assert len(val) == 2 and val[1]["psnr"] > val[0]["psnr"]
+    for record in (val[-1], val[-1]["bicubic"]):  # dlib's raw distance SR-HR: 0 = same face, ~0.6 = other person
+        assert 0.05 < record["identity_distance"] < 1.0 and -1 <= record["identity"] <= 1
     assert (run / "config.yaml").is_file() and (run / "best" / "generator.safetensors").is_file()
     assert list((run / "samples").glob("*.png")) and list((run / "tb").iterdir())
 
