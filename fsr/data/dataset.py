@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from fsr.core.io import atomic_path
-from fsr.data.degrade import bicubic_down, resize_bicubic
+from fsr.data.degrade import bicubic_down, degrade_through
 
 HR_SIZE = 128
 SCALE = 4
@@ -385,11 +385,9 @@ class FaceBatcher:
         if not sizes.any():
             return lr
         lr = lr.clone()
-        h, w = lr.shape[-2:]
         for side in np.unique(sizes[sizes > 0]):
             rows = torch.from_numpy(np.flatnonzero(sizes == side)).to(lr.device)
-            small = resize_bicubic(lr.index_select(0, rows), (int(side), int(side))).clamp(0, 1)
-            lr[rows] = resize_bicubic(small, (h, w)).clamp(0, 1)
+            lr[rows] = degrade_through(lr.index_select(0, rows), (int(side), int(side)))
         return lr
 
     def all_faces(self, limit: int = 0) -> FaceBatch:

@@ -58,5 +58,12 @@ def alpha_degrade(lr: torch.Tensor, alpha: float) -> torch.Tensor:
     if alpha == 1.0:
         return lr
     h, w = lr.shape[-2:]
-    small = resize_bicubic(lr, (max(1, round(alpha * h)), max(1, round(alpha * w)))).clamp(0, 1)
+    return degrade_through(lr, (max(1, round(alpha * h)), max(1, round(alpha * w))))
+
+
+def degrade_through(lr: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Resize (N, C, h, w) to ``size`` by antialiased bicubic and back to h x w, clamped to [0, 1]
+    (the operation behind :func:`alpha_degrade` and training's alpha augmentation)."""
+    h, w = lr.shape[-2:]
+    small = resize_bicubic(lr, size).clamp(0, 1)
     return resize_bicubic(small, (h, w)).clamp(0, 1)
