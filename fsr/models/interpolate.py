@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from fsr.core.weights import load_safetensors, sha256_file
-from fsr.models.systems import _load_card
+from fsr.models.systems import load_model_card
 from fsr.train.checkpoint import export_generator
 
 
@@ -53,7 +53,7 @@ def interpolate_states(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], w
 def interpolate_exports(path_a: str | Path, path_b: str | Path, weight: float, out_path: str | Path) -> tuple[Path, Path]:
     """Interpolate two fsr exports into ``out_path`` (+ its card); returns (weights, card) paths."""
     path_a, path_b = Path(path_a), Path(path_b)
-    card_a, card_b = _load_card(path_a), _load_card(path_b)
+    card_a, card_b = load_model_card(path_a), load_model_card(path_b)
     for key in ("architecture", "arch_args", "scale"):
         if card_a.get(key) != card_b.get(key):
             raise InterpolationError(f"{key} differs: {card_a.get(key)} ({path_a.name}) vs {card_b.get(key)} ({path_b.name})")

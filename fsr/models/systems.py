@@ -71,7 +71,8 @@ class SRSystem:
     __call__ = upscale
 
 
-def _load_card(weights_path: Path) -> dict:
+def load_model_card(weights_path: Path) -> dict:
+    """The JSON model card beside an fsr export (``NAME.json`` next to ``NAME.safetensors``)."""
     card_path = weights_path.with_suffix(".json")
     if not card_path.is_file():
         raise WeightsError(f"{weights_path}: model card {card_path.name} not found beside it")
@@ -85,7 +86,7 @@ def load_generator_file(path: str | Path) -> tuple[nn.Module, dict]:
     """Build and load a generator from an fsr export or BasicSR RRDB weights."""
     path = Path(path)
     if path.suffix == ".safetensors":
-        card = _load_card(path)
+        card = load_model_card(path)
         state = load_safetensors(path)
         arch = card.get("architecture", "rrdb")
         args = card.get("arch_args") or (rrdb_args_from_state_dict(state) if arch == "rrdb" else {})
