@@ -114,9 +114,18 @@ def test_verify_sweep_cli_writes_outputs_and_resumes(prepared):
             "--system", "bicubic", "--system", str(tiny), "--out", str(out), "--device", "cpu"]
     first = CliRunner().invoke(app, args)
     assert first.exit_code == 0, first.output
-    for name in ("sweep.json", "sweep.csv", "sweep.png"):
+    for name in ("sweep.json", "sweep.csv", "sweep.png", "paired.csv"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0
     summary = json.loads((out / "sweep.json").read_text())
+    paired = summary["paired_vs_baseline"]
+    assert paired["baseline"] == "bicubic" and set(paired["systems"]) == {"tiny"}
+    for alpha in ("0.5", "1"):
+        c = paired["systems"]["tiny"][alpha]
+        delta = summary["systems"]["tiny"]["by_alpha"][alpha]["accuracy_mean"] - summary["systems"]["bicubic"]["by_alpha"][alpha]["accuracy_mean"]
+        assert c["delta"] == pytest.approx(delta) and 0.0 < c["p_value"] <= 1.0
+        assert c["wins"] + c["losses"] <= summary["n_pairs"]
+    assert len((out / "paired.csv").read_text().splitlines()) == 3  # header + tiny at two alphas
+    assert "accuracy minus bicubic" in first.output
     assert summary["failed_to_enrol"]["images"] == 1 and summary["failed_to_enrol"]["pairs"] == 1
     assert set(summary["systems"]) == {"bicubic", "tiny"}
     assert set(summary["systems"]["bicubic"]["by_alpha"]) == {"0.5", "1"}

@@ -11,6 +11,8 @@ from fsr.evaluate.verification import (
     PairsError,
     best_threshold,
     kfold_verification,
+    mcnemar_exact_p,
+    paired_comparison,
     read_pairs,
     roc_auc,
     tar_at_far,
@@ -43,6 +45,48 @@ def test_kfold_threshold_is_chosen_on_the_other_folds():
     assert r.thresholds[0] == pytest.approx(0.5)
     assert r.thresholds[1:] == pytest.approx([0.25] * 9)
     assert r.n_pairs == 200 and r.n_failed == 0
+
+
+def test_per_pair_decisions_match_the_fold_accuracies():
+    scores, same, folds = _outlier_fold_scores()
+    r = kfold_verification(scores, same, folds)
+    assert r.correct.shape == (200,) and r.correct.dtype == bool
+    # fold 0 is tested with 0.5: its same pairs (0.3) are wrong, its different pairs right
+    assert not r.correct[:10].any() and r.correct[10:20].all() and r.correct[20:].all()
+    assert [r.correct[folds == f].mean() for f in range(10)] == pytest.approx(r.fold_accuracies)
+    assert "correct" not in r.to_dict()
+
+
+def test_mcnemar_exact_known_values():
+    assert mcnemar_exact_p(0, 0) == 1.0
+    assert mcnemar_exact_p(5, 5) == 1.0
+    assert mcnemar_exact_p(10, 0) == pytest.approx(2 / 1024)  # 2 * 0.5**10
+    assert mcnemar_exact_p(0, 10) == pytest.approx(2 / 1024)
+    assert mcnemar_exact_p(8, 2) == pytest.approx(2 * (1 + 10 + 45) / 1024)  # 0.109375
+    # large counts stay exact (no overflow): 3,000 discordant pairs split 1,560 / 1,440
+    p = mcnemar_exact_p(1560, 1440)
+    assert 0.02 < p < 0.04  # normal approximation: z = 120 / sqrt(3000) = 2.19, p ~ 0.028
+    with pytest.raises(ValueError):
+        mcnemar_exact_p(-1, 3)
+
+
+def test_paired_comparison_counts_discordant_pairs():
+    scores, same, folds = _outlier_fold_scores()
+    worse = kfold_verification(scores, same, folds)  # fold 0 at 50%
+    fixed = scores.copy()
+    fixed[:10] = 0.8  # fold 0's same pairs now score like the others: every fold at 100%
+    better = kfold_verification(fixed, same, folds)
+    assert better.accuracy_mean == pytest.approx(1.0)
+    c = paired_comparison(better, worse)
+    assert c.wins == 10 and c.losses == 0
+    assert c.delta == pytest.approx(0.05)
+    assert c.fold_deltas == pytest.approx([0.5] + [0.0] * 9)
+    assert c.delta_se == pytest.approx(np.std([0.5] + [0.0] * 9, ddof=1) / np.sqrt(10))
+    assert c.p_value == pytest.approx(2 / 1024)
+    back = paired_comparison(worse, better)
+    assert back.wins == 0 and back.losses == 10 and back.delta == pytest.approx(-0.05) and back.p_value == c.p_value
+    same_again = paired_comparison(worse, worse)
+    assert same_again.wins == same_again.losses == 0 and same_again.p_value == 1.0
 
 
 def test_distances_give_the_same_decisions_as_negated_similarities():

@@ -38,6 +38,7 @@ def verify_sweep_command(
     limit: int = typer.Option(0, "--limit", min=0, help="At most N pairs per fold (half same, half different) for a quick run (0 = all)."),
     hr: bool = typer.Option(True, "--hr/--no-hr", help="Also score the HR faces (the alpha-independent reference line)."),
     hr_source: str = typer.Option("crop", "--hr-source", help="HR reference: crop (the 128x128 HR faces SR aims at) | photo (the original photos at full resolution, aligned with the detected landmarks: the reference anchor's HR condition)."),
+    baseline: str = typer.Option("bicubic", "--baseline", help="System (its --system value or name) the others are compared with pair by pair: accuracy difference per alpha with an exact McNemar test (table, sweep.json, paired.csv). Ignored when it is not among --system."),
     out: Path = typer.Option(Path("verify_sweep_out"), "--out", help="Output folder: sweep.json, sweep.csv, sweep.png (Fig. 7) and cache/ (embeddings, for resuming)."),
     cache: bool = typer.Option(True, "--cache/--no-cache", help="Keep embeddings per (system, alpha) under OUT/cache so a re-run resumes."),
     device: str = DeviceOpt,
@@ -51,7 +52,7 @@ def verify_sweep_command(
     """
     from fsr.core.weights import WeightsError
     from fsr.evaluate.identity import FaceModelError
-    from fsr.evaluate.sweep import SweepError, alpha_table, run_sweep, sweep_table, write_sweep
+    from fsr.evaluate.sweep import SweepError, alpha_table, paired_table, run_sweep, sweep_table, write_sweep
     from fsr.evaluate.verification import PairsError
 
     if score not in ("auto", "distance", "cosine"):
@@ -61,7 +62,7 @@ def verify_sweep_command(
         result = run_sweep(
             data, pairs, list(system), compute, alphas=_parse_alphas(alphas), face_model=model, face_weights=weights,
             score=None if score == "auto" else score, folds=folds or None, limit=limit or None, include_hr=hr, hr_source=hr_source,
-            threshold_search=threshold_search, cache_dir=(out / "cache") if cache else None,
+            threshold_search=threshold_search, cache_dir=(out / "cache") if cache else None, baseline=baseline,
         )
     except (SweepError, PairsError, FaceModelError, WeightsError, FileNotFoundError) as exc:
         fail(str(exc))
@@ -76,9 +77,13 @@ def verify_sweep_command(
     if len(result.alphas) > 1:
         console.print(alpha_table(result))
     console.print(sweep_table(result))
+    comparison = paired_table(result)
+    if comparison is not None:
+        console.print(comparison)
     console.print(
         f"{result.n_pairs} pairs, {result.n_images} faces, {result.seconds:.1f} s on {compute.describe()}\n"
         f"json: {paths['json']}\ncsv: {paths['csv']}\nplot: {paths['png']}"
+        + (f"\npaired: {paths['paired_csv']}" if "paired_csv" in paths else "")
     )
 
 

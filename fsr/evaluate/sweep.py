@@ -46,7 +46,7 @@ from fsr.core.io import atomic_path, atomic_write_text
 from fsr.core.weights import write_json
 from fsr.data.degrade import alpha_degrade
 from fsr.evaluate.identity import FaceEmbedder, load_face_model
-from fsr.evaluate.verification import Pair, VerificationResult, kfold_verification, read_pairs
+from fsr.evaluate.verification import Pair, PairedComparison, VerificationResult, kfold_verification, paired_comparison, read_pairs
 
 DEFAULT_ALPHAS = tuple(round(0.1 * k, 1) for k in range(1, 11))
 HR_NAME = "HR"
@@ -328,6 +328,27 @@ class SweepResult:
     def average_accuracy(self, system: str) -> float:
         return float(np.mean([self.results[system][a].accuracy_mean for a in self.alphas]))
 
+    @property
+    def baseline(self) -> str | None:
+        """The system the others are compared with, pair by pair: ``info["baseline"]`` (without
+        that key: "bicubic"); None when it is not among the systems or there is only one."""
+        wanted = self.info["baseline"] if "baseline" in self.info else "bicubic"
+        if len(self.systems) < 2 or wanted not in self.systems:
+            return None
+        return wanted
+
+    def paired(self) -> dict[str, dict[float, PairedComparison]]:
+        """Every other system against :attr:`baseline` at every alpha (same pairs, same folds):
+        accuracy difference, its per-fold standard error and the exact McNemar p-value."""
+        base = self.baseline
+        if base is None:
+            return {}
+        return {
+            s: {a: paired_comparison(self.results[s][a], self.results[base][a]) for a in self.alphas}
+            for s in self.systems
+            if s != base
+        }
+
     def to_dict(self) -> dict:
         return {
             "face_model": self.face_model,
@@ -344,6 +365,11 @@ class SweepResult:
                     "by_alpha": {f"{a:g}": self.results[s][a].to_dict() for a in self.alphas},
                 }
                 for s in self.systems
+            },
+            "paired_vs_baseline": {
+                "baseline": self.baseline,
+                "test": "exact McNemar (two-sided) on per-pair decisions; delta_se = std of per-fold differences / sqrt(folds)",
+                "systems": {s: {f"{a:g}": c.to_dict() for a, c in by_alpha.items()} for s, by_alpha in self.paired().items()},
             },
             "seconds": self.seconds,
             "timings": self.timings,
@@ -368,8 +394,12 @@ def run_sweep(
     cache_dir: str | Path | None = None,
     chunk: int = 1024,
     show_progress: bool = True,
+    baseline: str | None = "bicubic",
 ) -> SweepResult:
-    """Run the verification sweep (see the module docstring) and return every result."""
+    """Run the verification sweep (see the module docstring) and return every result.
+
+    ``baseline``: the system (its --system spec or its name) every other system is compared
+    with pair by pair (:meth:`SweepResult.paired`); ignored when it is not among ``systems``."""
     from fsr.data.manifest import read_manifest
     from fsr.models.systems import load_sr_system
 
@@ -461,6 +491,7 @@ def run_sweep(
                 results[name][alpha] = verify(emb)
     synchronize(compute.device)
     t_embed = time.perf_counter() - t1
+    baseline_name = next((name for name, _, sid in loaded if baseline in (name, sid.split("|")[0])), None)
     return SweepResult(
         alphas=alphas,
         systems=[name for name, _, _ in loaded],
@@ -477,7 +508,8 @@ def run_sweep(
         timings={"load_faces_s": t_load, "embed_and_score_s": t_embed, "faces_embedded": total,
                  "faces_per_s": total / t_embed if t_embed > 0 else math.nan},
         info={"hr_source": hr_source, "prepared": str(prepared_dir), "pairs_file": str(pairs_path), "device": compute.describe(),
-              "machine": machine_description(), "system_specs": {name: sid.split("|")[0] for name, _, sid in loaded}},
+              "machine": machine_description(), "system_specs": {name: sid.split("|")[0] for name, _, sid in loaded},
+              "baseline": baseline_name},
     )
 
 
@@ -524,6 +556,30 @@ def alpha_table(result: SweepResult):
         table.add_column(s, justify="right")
     for a in result.alphas:
         table.add_row(f"{a:g}", *[f"{result.results[s][a].accuracy_mean:.4f}" for s in result.systems])
+    return table
+
+
+def paired_table(result: SweepResult, significance: float = 0.05):
+    """Rich table: accuracy difference to the baseline per alpha and system, with the exact
+    McNemar p-value; None when there is nothing to compare."""
+    from rich.table import Table
+
+    paired = result.paired()
+    if not paired:
+        return None
+    table = Table(title=f"accuracy minus {result.baseline}, pair by pair (McNemar p)")
+    table.add_column("alpha", justify="right")
+    for s in paired:
+        table.add_column(s, justify="right")
+    for a in result.alphas:
+        cells = []
+        for s in paired:
+            c = paired[s][a]
+            style = ("green" if c.delta > 0 else "red") if c.p_value < significance else ""
+            text = f"{c.delta * 100:+.2f} pt (p={c.p_value:.2g})"
+            cells.append(f"[{style}]{text}[/]" if style else text)
+        table.add_row(f"{a:g}", *cells)
+    table.caption = f"pt = percentage points; coloured where p < {significance:g} (green: better than {result.baseline})"
     return table
 
 
@@ -582,4 +638,15 @@ def write_sweep(result: SweepResult, out_dir: str | Path) -> dict[str, Path]:
     csv_path = out_dir / "sweep.csv"
     atomic_write_text(csv_path, buffer.getvalue())
     png_path = plot_sweep(result, out_dir / "sweep.png")
-    return {"json": json_path, "csv": csv_path, "png": png_path}
+    paths = {"json": json_path, "csv": csv_path, "png": png_path}
+    paired = result.paired()
+    if paired:
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\n")
+        writer.writerow(["system", "baseline", "alpha", "delta", "delta_se", "wins", "losses", "mcnemar_p"])
+        for s, by_alpha in paired.items():
+            for a, c in by_alpha.items():
+                writer.writerow([s, result.baseline, f"{a:g}", f"{c.delta:.6f}", f"{c.delta_se:.6f}", c.wins, c.losses, f"{c.p_value:.6g}"])
+        paths["paired_csv"] = out_dir / "paired.csv"
+        atomic_write_text(paths["paired_csv"], buffer.getvalue())
+    return paths

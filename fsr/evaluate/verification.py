@@ -23,7 +23,9 @@ different-person pair as correct); NaNs never become candidate thresholds.
 from __future__ import annotations
 
 import csv
+import math
 from dataclasses import asdict, dataclass, field
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +40,9 @@ __all__ = [
     "roc_auc",
     "tar_at_far",
     "lfw_key",
+    "PairedComparison",
+    "mcnemar_exact_p",
+    "paired_comparison",
 ]
 
 _TRUE = {"1", "true", "yes", "y", "same", "t", "match"}
@@ -185,7 +190,8 @@ class VerificationResult:
     the test-fold accuracies; ``fold_accuracies`` and ``thresholds`` per fold (thresholds in
     the score's own units); ``auc``: ROC area over all pairs; ``tar_at_far_1e3``: true accept
     rate at a false accept rate of 1e-3 over all pairs; ``n_pairs``; ``n_failed``: pairs
-    with a NaN score (decided "different").
+    with a NaN score (decided "different"). ``correct``: (P,) bool, whether each pair was
+    decided right by its fold's threshold (for paired comparisons; not serialised).
     """
 
     accuracy_mean: float
@@ -198,9 +204,12 @@ class VerificationResult:
     n_failed: int = 0
     higher_is_same: bool = True
     extra: dict = field(default_factory=dict)
+    correct: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        out = asdict(self)
+        out.pop("correct", None)
+        return out
 
 
 def _oriented(scores: np.ndarray, higher_is_same: bool) -> np.ndarray:
@@ -315,12 +324,14 @@ def kfold_verification(
         raise ValueError("k-fold verification needs at least two folds")
     s_all = _oriented(scores, higher_is_same)
     accs, thresholds = [], []
+    correct = np.zeros(scores.size, dtype=bool)
     for f in fold_ids:
         test = folds == f
         t, _ = best_threshold(scores[~test], same[~test], higher_is_same, grid)
         t_oriented = t if higher_is_same else -t
         decided_same = s_all[test] > t_oriented
-        accs.append(float(np.mean(decided_same == same[test])))
+        correct[test] = decided_same == same[test]
+        accs.append(float(np.mean(correct[test])))
         thresholds.append(t)
     acc = np.array(accs)
     return VerificationResult(
@@ -333,4 +344,51 @@ def kfold_verification(
         n_pairs=int(scores.size),
         n_failed=int(np.isnan(scores).sum()),
         higher_is_same=higher_is_same,
+        correct=correct,
     )
+
+
+def mcnemar_exact_p(wins: int, losses: int) -> float:
+    """Two-sided exact McNemar p-value for paired decisions: ``wins`` pairs only system A
+    decided right, ``losses`` pairs only system B did; under the null hypothesis (equal
+    accuracy) each discordant pair is a fair coin, so p = min(1, 2 P[Bin(n, 1/2) <= min])."""
+    if wins < 0 or losses < 0:
+        raise ValueError("wins and losses must be non-negative")
+    n = wins + losses
+    if n == 0:
+        return 1.0
+    k = min(wins, losses)
+    tail = sum(math.comb(n, i) for i in range(k + 1))
+    return min(1.0, float(Fraction(2 * tail, 2**n)))
+
+
+@dataclass
+class PairedComparison:
+    """System A against a baseline B on the same pairs and folds.
+
+    ``delta``: accuracy(A) - accuracy(B) (mean over folds); ``fold_deltas``: per-fold
+    differences and ``delta_se``: their standard error (sample std / sqrt(k)); ``wins`` /
+    ``losses``: pairs only A / only B decided right; ``p_value``: exact McNemar (two-sided)."""
+
+    delta: float
+    delta_se: float
+    fold_deltas: list[float]
+    wins: int
+    losses: int
+    p_value: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def paired_comparison(a: VerificationResult, b: VerificationResult) -> PairedComparison:
+    """Compare two :func:`kfold_verification` results computed on the same pairs and folds."""
+    if a.correct is None or b.correct is None or a.correct.shape != b.correct.shape:
+        raise ValueError("paired comparison needs per-pair decisions of both systems on the same pairs")
+    if len(a.fold_accuracies) != len(b.fold_accuracies):
+        raise ValueError("paired comparison needs the same folds for both systems")
+    d = np.asarray(a.fold_accuracies) - np.asarray(b.fold_accuracies)
+    se = float(d.std(ddof=1) / math.sqrt(d.size)) if d.size > 1 else float("nan")
+    wins = int(np.sum(a.correct & ~b.correct))
+    losses = int(np.sum(~a.correct & b.correct))
+    return PairedComparison(float(d.mean()), se, [float(x) for x in d], wins, losses, mcnemar_exact_p(wins, losses))
