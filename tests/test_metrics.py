@@ -155,6 +155,19 @@ def test_metrics_cli_on_folders(faces, tmp_path):
     assert any("not an image" in s or "cannot" in s for s in summary["skipped"])
     assert len(list((out / "heatmaps").glob("*.png"))) == 1
     assert "PSNR RGB" in result.output
+    # image-by-image comparison with the baseline (bicubic), on the images both systems have
+    paired = summary["paired_vs_baseline"]
+    assert paired["baseline"] == "bicubic" and set(paired["systems"]) == {"copy"}
+    copy_images = {r["image"] for r in rows if r["system"] == "copy"}
+    bicubic = [r for r in rows if r["system"] == "bicubic" and r["image"] in copy_images]
+    ssim_gap = np.array([1.0 - float(r["ssim"]) for r in bicubic])
+    mse = paired["systems"]["copy"]["mse"]
+    assert mse["delta"] == pytest.approx(-np.mean([float(r["mse"]) for r in bicubic]), rel=1e-5)
+    assert mse["relative"] == pytest.approx(-1.0) and mse["better_fraction"] == 1.0 and mse["n_images"] == 2
+    ssim = paired["systems"]["copy"]["ssim"]
+    assert ssim["delta"] == pytest.approx(ssim_gap.mean(), abs=1e-5)
+    assert ssim["ci95"] == pytest.approx(1.96 * ssim_gap.std(ddof=1) / np.sqrt(2), abs=1e-5)
+    assert "difference to bicubic" in result.output
 
 
 def test_metrics_cli_runs_systems_on_a_prepared_set(tmp_path):

@@ -31,6 +31,7 @@ def metrics_command(
     model: str = typer.Option("dlib", "--model", help="Face model for identity similarity: dlib | sphereface | lightcnn | none."),
     weights: str | None = typer.Option(None, "--weights", help="Face model weights (needed for sphereface / lightcnn unless in the weights folders)."),
     out: Path = typer.Option(Path("metrics_out"), "--out", help="Output folder for metrics_per_image.csv, metrics_summary.json and heatmaps/."),
+    baseline: str = typer.Option("bicubic", "--baseline", help="System the others are compared with image by image (mean difference with a 95% confidence interval, relative change, share of images improved). Ignored when it is not among the systems."),
     heatmap: int = typer.Option(0, "--heatmap", min=0, help="Write Fig. 6 heatmap PNGs for the first N images."),
     heatmap_images: list[str] = typer.Option([], "--heatmap-images", help="Write heatmaps for these images (relative path without suffix, or face_id for --data). Repeatable."),
     device: str = DeviceOpt,
@@ -41,20 +42,23 @@ def metrics_command(
     """Compare SR systems with HR ground truth: PSNR (RGB, Y), SSIM, MSE and SR-HR identity similarity."""
     from fsr.core.weights import WeightsError
     from fsr.evaluate.identity import FaceModelError
-    from fsr.evaluate.metrics import MetricsError, run_metrics, summary_table
+    from fsr.evaluate.metrics import MetricsError, paired_table, run_metrics, summary_table
 
     compute = make_compute(device, precision, batch_size, threads)
     try:
         report, paths = run_metrics(
             out, compute, hr_dir=hr, sr_dirs=_parse_sr(sr) if sr else None, prepared_dir=data, systems=list(system),
             face_model=model, face_weights=weights, split=split, limit=limit or None,
-            heatmap_first=heatmap, heatmap_keys=list(heatmap_images),
+            heatmap_first=heatmap, heatmap_keys=list(heatmap_images), baseline=baseline,
         )
     except (MetricsError, FaceModelError, WeightsError, FileNotFoundError) as exc:
         fail(str(exc))
     for line in report.skipped:
         err_console.print(f"[yellow]skipped:[/] {line}", highlight=False)
     console.print(summary_table(report))
+    comparison = paired_table(report)
+    if comparison is not None:
+        console.print(comparison)
     console.print(f"per-image: {paths['csv']}\nsummary: {paths['json']}")
     if report.heatmaps:
         console.print(f"heatmaps: {len(report.heatmaps)} in {Path(report.heatmaps[0]).parent}")

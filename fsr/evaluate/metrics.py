@@ -179,6 +179,7 @@ class MetricsReport:
     face_model: str | None = None
     heatmaps: list[str] = field(default_factory=list)
     source: dict = field(default_factory=dict)
+    baseline: str | None = "bicubic"
 
     @property
     def metric_names(self) -> list[str]:
@@ -199,6 +200,43 @@ class MetricsReport:
                 values = np.array([r[m] for r in rows], dtype=np.float64)
                 entry[m] = float(values.mean()) if values.size else math.nan
                 entry[f"{m}_std"] = float(values.std()) if values.size else math.nan
+            out[system] = entry
+        return out
+
+    def paired(self) -> dict[str, dict[str, dict[str, float]]]:
+        """Every other system against ``baseline`` image by image (empty when the baseline is
+        not among the systems): system -> metric -> ``delta`` (mean per-image difference,
+        system - baseline), ``ci95`` (half-width, 1.96 standard errors), ``relative``
+        (delta / baseline mean) and ``better_fraction`` (share of images where the system is
+        better, by the metric's direction)."""
+        base = self.baseline
+        if base not in self.systems or len(self.systems) < 2:
+            return {}
+        values = {s: {} for s in self.systems}
+        for r in self.rows:
+            values[r["system"]][r["image"]] = r
+        base_rows = values[base]
+        out: dict[str, dict[str, dict[str, float]]] = {}
+        for system in self.systems:
+            if system == base:
+                continue
+            keys = [k for k in values[system] if k in base_rows]
+            entry: dict[str, dict[str, float]] = {}
+            for m in self.metric_names:
+                a = np.array([values[system][k][m] for k in keys], dtype=np.float64)
+                b = np.array([base_rows[k][m] for k in keys], dtype=np.float64)
+                if a.size == 0:
+                    continue
+                d = a - b
+                se = float(d.std(ddof=1) / math.sqrt(d.size)) if d.size > 1 else math.nan
+                better = d > 0 if HIGHER_IS_BETTER[m] else d < 0
+                entry[m] = {
+                    "delta": float(d.mean()),
+                    "ci95": 1.96 * se,
+                    "relative": float(d.mean() / b.mean()) if b.mean() != 0 else math.nan,
+                    "better_fraction": float(better.mean()),
+                    "n_images": int(d.size),
+                }
             out[system] = entry
         return out
 
@@ -452,6 +490,7 @@ def write_report(report: MetricsReport, out_dir: str | Path) -> dict[str, Path]:
             "face_model": report.face_model,
             "metrics": {m: METRIC_LABELS[m] for m in report.metric_names},
             "summary": report.summary(),
+            "paired_vs_baseline": {"baseline": report.baseline if report.paired() else None, "systems": report.paired()},
             "source": report.source,
             "heatmaps": report.heatmaps,
             "skipped": report.skipped,
@@ -483,6 +522,33 @@ def summary_table(report: MetricsReport, title: str = "SR vs HR"):
     return table
 
 
+def paired_table(report: MetricsReport):
+    """Rich table of per-image differences to the baseline (mean ± 95% CI, relative change,
+    share of images improved); None when there is no baseline among the systems."""
+    from rich.table import Table
+
+    paired = report.paired()
+    if not paired:
+        return None
+    table = Table(title=f"difference to {report.baseline}, image by image")
+    table.add_column("metric")
+    for s in paired:
+        table.add_column(s, justify="right")
+    for m in report.metric_names:
+        fmt = "{:+.2f}" if m.startswith("psnr") or m == "mse" else "{:+.4f}"
+        cells = []
+        for s in paired:
+            c = paired[s].get(m)
+            if c is None:
+                cells.append("-")
+                continue
+            ci = fmt.format(c["ci95"]).lstrip("+")
+            cells.append(f"{fmt.format(c['delta'])} ± {ci} ({c['relative'] * 100:+.1f}%, {c['better_fraction'] * 100:.0f}% better)")
+        table.add_row(METRIC_LABELS[m], *cells)
+    table.caption = "mean per-image difference ± 95% confidence half-width; relative to the baseline's mean"
+    return table
+
+
 def run_metrics(
     out_dir: str | Path,
     compute: Compute,
@@ -497,9 +563,11 @@ def run_metrics(
     heatmap_first: int = 0,
     heatmap_keys: list[str] | None = None,
     show_progress: bool = True,
+    baseline: str | None = "bicubic",
 ) -> tuple[MetricsReport, dict[str, Path]]:
     """``fsr metrics``: evaluate folders (``hr_dir`` + ``sr_dirs``) or systems on a prepared set,
-    write the CSV, JSON and heatmaps into ``out_dir`` and return the report and file paths."""
+    write the CSV, JSON and heatmaps into ``out_dir`` and return the report and file paths.
+    ``baseline``: the system the others are compared with image by image (``report.paired``)."""
     from fsr.evaluate.identity import load_face_model
 
     if (hr_dir is None) == (prepared_dir is None):
@@ -523,5 +591,6 @@ def run_metrics(
             prepared_dir, systems, compute, embedder, split, limit, max(64, compute.batch_size),
             keys, heatmap_first, heatmap_dir, show_progress,
         )
+    report.baseline = baseline
     paths = write_report(report, out_dir)
     return report, paths
