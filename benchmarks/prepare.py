@@ -12,6 +12,7 @@ Targets (issue 2): >= 60 images/s on a 2-core CPU, >= 2,000 images/s on an H100/
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import tempfile
@@ -71,23 +72,33 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="decode/write threads for the prepare pipeline")
     parser.add_argument("--repeats", type=int, default=2, help="timed passes of the detection benchmark (best kept)")
     parser.add_argument("--mode", choices=("both", "detect", "prepare"), default="both")
+    parser.add_argument("--lfw", type=Path, default=LFW, help="folder of LFW images (Name/Name_000N.jpg); default ../shared/data/lfw/lfw-deepfunneled")
+    parser.add_argument("--json", type=Path, default=None, help="also write the figures to this JSON file")
     args = parser.parse_args()
 
     device_probe = Compute.create(args.device)
     batch = args.batch_size or (1024 if device_probe.device.type == "cuda" else 64)
     compute = Compute.create(args.device, "fp32", batch_size=batch, threads=args.threads or None)
-    all_files = sorted(LFW.glob("*/*.jpg"))
+    all_files = sorted(args.lfw.glob("*/*.jpg"))
+    if not all_files:
+        raise SystemExit(f"{args.lfw}: no LFW images (Name/Name_000N.jpg)")
     step = max(1, len(all_files) // args.images)
     files = all_files[::step][: args.images]
 
     print(f"machine: {machine_description()}")
     print(f"compute: {compute.describe()}, batch {batch}, workers {args.workers}, {len(files)} LFW images (250x250)")
+    figures: dict = {"machine": machine_description(), "compute": compute.describe(), "batch": batch, "workers": args.workers, "images": len(files)}
     if args.mode in ("both", "detect"):
         rate, cpu = bench_detect(files, compute, args.repeats)
+        figures.update(detect_images_per_s=rate, detect_cpu_ms_per_image=1000 * cpu)
         print(f"detect  (MTCNN only, decoded images): {rate:8.1f} images/s  ({1000 * cpu:.1f} CPU-ms per image)")
     if args.mode in ("both", "prepare"):
         rate, cpu, yield_fraction = bench_prepare(files, compute, args.workers)
+        figures.update(prepare_images_per_s=rate, prepare_cpu_ms_per_image=1000 * cpu, prepare_yield=yield_fraction)
         print(f"prepare (end to end, decode..PNG):     {rate:8.1f} images/s  ({1000 * cpu:.1f} CPU-ms per image, yield {100 * yield_fraction:.2f}%)")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(figures, indent=1))
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"load average at the end: {load:.1f} on {os.cpu_count()} cores (wall-clock rates need an idle machine;")
     print("  CPU-ms per image stays meaningful when it is shared: cores * 1000 / CPU-ms bounds an idle machine's rate)")
