@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 import torch
 
 from fsr.core.device import Compute
@@ -54,7 +55,23 @@ def test_default_model_is_the_recorded_interpolation_of_the_two_shipped_models(t
     assert again.keys() == shipped.keys() and all(torch.equal(again[k], shipped[k]) for k in shipped)
 
 
-def test_default_model_beats_bicubic_on_unseen_lfw_faces():
+def test_verification_model_is_a_recorded_fine_tune_of_the_default():
+    """weights/fsr_verify: checksummed, carded, fine-tuned from the shipped default, and its
+    card holds the LFW figures it was shipped for."""
+    weights = SHIPPED_WEIGHTS_DIR / "fsr_verify.safetensors"
+    assert shipped_checksums()[weights.name] == sha256_file(weights)
+    card = json.loads(weights.with_suffix(".json").read_text())
+    assert card["sha256"] == sha256_file(weights)
+    assert shipped_checksums()["fsr_default.safetensors"] in card["init_weights_note"]
+    assert card["config"]["model"]["init_weights"] == "weights/fsr_default.safetensors"
+    assert card["config"]["data"]["alpha_augment"] == 0.5 and card["config"]["loss"]["identity"] == 1.0
+    sweep = card["lfw_verification_dlib_6000_pairs"]
+    assert sweep["average_over_alpha"]["fsr_verify"] > sweep["average_over_alpha"]["bicubic"]
+    assert card["lfw_pairs_evaluation"]["gain_over_bicubic"]["psnr_rgb_db"] > 2.0
+
+
+@pytest.mark.parametrize("model_name", ["default", "fsr_verify"])
+def test_shipped_model_beats_bicubic_on_unseen_lfw_faces(model_name):
     # 32 evaluation identities (named in pairs.txt, so never in the training data); the face
     # sits in the centre of LFW's deep-funneled images: a 160-px centre square ~ fsr's crop.
     names = _pairs_identities()[::130][:32]
@@ -64,7 +81,7 @@ def test_default_model_beats_bicubic_on_unseen_lfw_faces():
         hr.append(resize_bicubic(to_tensor(rgb)[None], 128).clamp(0, 1)[0])
     hr_t = torch.stack(hr)
     lr = (bicubic_down(hr_t, 4) * 255).round() / 255
-    model = load_sr_system("default", Compute.create("cpu", batch_size=16))
+    model = load_sr_system(model_name, Compute.create("cpu", batch_size=16))
     bicubic = load_sr_system("bicubic")
 
     def psnr(x: torch.Tensor) -> np.ndarray:
