@@ -27,7 +27,6 @@ benchmarks read travels in the kit, which `benchmarks/device_checks.sh` then use
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import shutil
 import subprocess
@@ -40,7 +39,7 @@ sys.path.insert(0, str(REPO))
 from fsr.core.io import read_image, write_image  # noqa: E402
 from fsr.evaluate.sweep import match_records  # noqa: E402
 from fsr.evaluate.verification import read_pairs  # noqa: E402
-from fsr.data.manifest import read_manifest  # noqa: E402
+from fsr.data.manifest import read_manifest, write_manifest  # noqa: E402
 
 SHARED = REPO.parent / "shared" / "data"
 LIMIT_BYTES = 64 * 2**20
@@ -73,32 +72,26 @@ def pack_data(shared: Path, out: Path, count: int) -> int:
 
 
 def pack_pairs(prepared: Path, pairs_path: Path, out: Path) -> tuple[int, int]:
+    """The LR faces of every image ``pairs.txt`` names, their manifest rows and ``pairs.txt``."""
     pairs = read_pairs(pairs_path)
     keys = sorted({k for p in pairs for k in (p.a, p.b)})
-    found, missing = match_records(keys, read_manifest(prepared))
-    wanted = {str(rec.face_id) for rec in found.values()}
+    records = read_manifest(prepared)
+    found, missing = match_records(keys, records)
+    wanted = {rec.face_id for rec in found.values()}
+    kept = [rec for rec in records if rec.face_id in wanted]
     out.mkdir(parents=True, exist_ok=True)
-    with (prepared / "manifest.csv").open(newline="") as src:
-        reader = csv.DictReader(src)
-        rows = [row for row in reader if row["face_id"] in wanted]
-        fields = reader.fieldnames
-    for row in rows:
-        lr_target = out / row["lr"]
+    for rec in kept:
+        lr_target = out / rec.lr
         lr_target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(prepared / row["lr"], lr_target)
-    with (out / "manifest.csv").open("w", newline="") as dst:
-        writer = csv.DictWriter(dst, fieldnames=fields, lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(rows)
+        shutil.copyfile(prepared / rec.lr, lr_target)
+    write_manifest(out, kept)
     shutil.copyfile(pairs_path, out / "pairs.txt")
-    return len(rows), len(missing)
+    return len(kept), len(missing)
 
 
 def unpack(kit: Path) -> int:
     """Write the stand-in HR faces (bicubic x4 of each LR face, PNG) the kit's manifest names."""
-    import torch
-
-    from fsr.core.io import to_tensor
+    from fsr.core.io import to_tensor, to_uint8
     from fsr.data.degrade import bicubic_up
 
     pairs_dir = kit / "lfw_pairs"
@@ -108,9 +101,8 @@ def unpack(kit: Path) -> int:
         if target.is_file():
             continue
         lr = to_tensor(read_image(pairs_dir / rec.lr).rgb_uint8())[None]
-        hr = (bicubic_up(lr, 4).clamp(0, 1)[0].permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
         target.parent.mkdir(parents=True, exist_ok=True)
-        write_image(target, hr)
+        write_image(target, to_uint8(bicubic_up(lr, 4)[0]))
         written += 1
     return written
 

@@ -19,6 +19,15 @@ REFERENCE_DIR = SHARED_DATA / "reference"
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
+def lfw_centre_face(path: Path) -> torch.Tensor:
+    """(3, 128, 128) in [0, 1]: the centre 160 px of a 250x250 deep-funneled LFW photo (where
+    its face sits, about fsr's crop), resized to 128 by fsr's bicubic."""
+    from fsr.core.io import read_image, to_tensor
+    from fsr.data.degrade import resize_bicubic
+
+    return resize_bicubic(to_tensor(read_image(path).rgb[45:205, 45:205])[None], 128).clamp(0, 1)[0]
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     if not SHARED_DATA.is_dir():

@@ -15,9 +15,8 @@ import torch
 from typer.testing import CliRunner
 
 from fsr.core.device import Compute
-from fsr.core.io import read_image, to_tensor
-from fsr.data.degrade import bicubic_down, resize_bicubic
-from tests.conftest import LFW_DIR, REFERENCE_DIR
+from fsr.data.degrade import bicubic_down
+from tests.conftest import LFW_DIR, REFERENCE_DIR, lfw_centre_face
 
 # FSR_TEST_GPU=cpu runs these checks CPU-against-CPU: a dry run of the tests' own code
 GPU = os.environ.get("FSR_TEST_GPU", "cuda")
@@ -28,11 +27,10 @@ LFW_NAMES = ["Aaron_Eckhart", "Catherine_Deneuve", "Erika_Harold", "George_Papan
 
 
 def _lfw_faces(count: int) -> torch.Tensor:
-    """(N, 3, 128, 128) in [0, 1]: the centre 160 px of LFW photos (about fsr's crop), resized."""
+    """(N, 3, 128, 128) in [0, 1]: centre crops of LFW photos (``lfw_centre_face``)."""
     paths = sorted(p for name in LFW_NAMES for p in (LFW_DIR / name).glob("*.jpg"))
     paths += sorted(p for p in LFW_DIR.glob("*/*.jpg") if p.parent.name not in LFW_NAMES)
-    faces = [resize_bicubic(to_tensor(read_image(p).rgb[45:205, 45:205])[None], 128).clamp(0, 1)[0] for p in paths[:count]]
-    return torch.stack(faces)
+    return torch.stack([lfw_centre_face(p) for p in paths[:count]])
 
 
 def test_mtcnn_on_cuda_matches_the_reference_and_the_cpu():

@@ -10,12 +10,11 @@ import pytest
 import torch
 
 from fsr.core.device import Compute
-from fsr.core.io import read_image, to_tensor
 from fsr.core.weights import SHIPPED_WEIGHTS_DIR, sha256_file, shipped_checksums
-from fsr.data.degrade import bicubic_down, resize_bicubic
+from fsr.data.degrade import bicubic_down
 from fsr.models.systems import DEFAULT_MODEL_NAME, load_sr_system
 
-from .conftest import LFW_DIR, SHARED_DATA
+from .conftest import LFW_DIR, SHARED_DATA, lfw_centre_face
 
 
 def _pairs_identities() -> list[str]:
@@ -75,11 +74,7 @@ def test_shipped_model_beats_bicubic_on_unseen_lfw_faces(model_name):
     # 32 evaluation identities (named in pairs.txt, so never in the training data); the face
     # sits in the centre of LFW's deep-funneled images: a 160-px centre square ~ fsr's crop.
     names = _pairs_identities()[::130][:32]
-    hr = []
-    for name in names:
-        rgb = read_image(sorted((LFW_DIR / name).glob("*.jpg"))[0]).rgb[45:205, 45:205]
-        hr.append(resize_bicubic(to_tensor(rgb)[None], 128).clamp(0, 1)[0])
-    hr_t = torch.stack(hr)
+    hr_t = torch.stack([lfw_centre_face(sorted((LFW_DIR / name).glob("*.jpg"))[0]) for name in names])
     lr = (bicubic_down(hr_t, 4) * 255).round() / 255
     model = load_sr_system(model_name, Compute.create("cpu", batch_size=16))
     bicubic = load_sr_system("bicubic")

@@ -483,6 +483,7 @@ def write_report(report: MetricsReport, out_dir: str | Path) -> dict[str, Path]:
     csv_path = out_dir / "metrics_per_image.csv"
     atomic_write_text(csv_path, buffer.getvalue())
     json_path = out_dir / "metrics_summary.json"
+    paired = report.paired()
     write_json(
         json_path,
         {
@@ -490,7 +491,7 @@ def write_report(report: MetricsReport, out_dir: str | Path) -> dict[str, Path]:
             "face_model": report.face_model,
             "metrics": {m: METRIC_LABELS[m] for m in report.metric_names},
             "summary": report.summary(),
-            "paired_vs_baseline": {"baseline": report.baseline if report.paired() else None, "systems": report.paired()},
+            "paired_vs_baseline": {"baseline": report.baseline if paired else None, "systems": paired},
             "source": report.source,
             "heatmaps": report.heatmaps,
             "skipped": report.skipped,
