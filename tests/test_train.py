@@ -186,9 +186,9 @@ def test_tiny_l1_training_loss_falls_and_export_upscales(prepared, tmp_path):
     assert list((run / "samples").glob("*.png")) and list((run / "tb").iterdir())
 
     card = json.loads((run / "export" / "tiny.json").read_text())
-    for key in ("architecture", "arch_args", "scale", "input_size", "data", "steps", "config", "metrics", "command", "hardware"):
+    for key in ("architecture", "arch_args", "scale", "input_size", "training_data", "steps", "config", "metrics", "command", "hardware"):
         assert key in card
-    assert card["steps"] == 40 and card["arch_args"]["nf"] == 8 and card["data"]["train_faces"] >= 20
+    assert card["steps"] == 40 and card["arch_args"]["nf"] == 8 and card["training_data"]["train_faces"] >= 20
     system = load_sr_system(str(run / "export" / "tiny.safetensors"), Compute.create("cpu"))
     arrays = load_face_arrays(prepared, with_lr=True)
     _, val_idx = split_train_val(arrays)

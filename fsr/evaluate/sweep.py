@@ -218,7 +218,7 @@ def _system_fingerprint(spec: str, system) -> str:
     """What identifies a system for the cache: its model card and a digest of its weights."""
     if system.model is None:
         return "bicubic"
-    card = json.dumps(system.card, sort_keys=True, default=str)
+    card = json.dumps(system.card.to_dict(), sort_keys=True, default=str)
     return hashlib.sha256(f"{card}|{_model_fingerprint(system.model)}".encode()).hexdigest()[:16]
 
 

@@ -20,8 +20,7 @@ from pathlib import Path
 import torch
 
 from fsr.core.weights import load_safetensors, sha256_file
-from fsr.models.systems import load_model_card
-from fsr.train.checkpoint import export_generator
+from fsr.models.sr import ModelCard, export_sr_model, read_card
 
 
 class InterpolationError(ValueError):
@@ -53,20 +52,25 @@ def interpolate_states(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], w
 def interpolate_exports(path_a: str | Path, path_b: str | Path, weight: float, out_path: str | Path) -> tuple[Path, Path]:
     """Interpolate two fsr exports into ``out_path`` (+ its card); returns (weights, card) paths."""
     path_a, path_b = Path(path_a), Path(path_b)
-    card_a, card_b = load_model_card(path_a), load_model_card(path_b)
+    card_a, card_b = read_card(path_a), read_card(path_b)
     for key in ("architecture", "arch_args", "scale"):
-        if card_a.get(key) != card_b.get(key):
-            raise InterpolationError(f"{key} differs: {card_a.get(key)} ({path_a.name}) vs {card_b.get(key)} ({path_b.name})")
+        if getattr(card_a, key) != getattr(card_b, key):
+            raise InterpolationError(
+                f"{key} differs: {getattr(card_a, key)} ({path_a.name}) vs {getattr(card_b, key)} ({path_b.name})"
+            )
     state = interpolate_states(load_safetensors(path_a), load_safetensors(path_b), weight)
-    card = {key: card_a[key] for key in ("scale", "architecture", "arch_args", "input_size", "output_size") if key in card_a}
-    card["interpolation"] = {
+    interpolation = {
         "formula": "(1 - weight) * A + weight * B (ESRGAN network interpolation)",
         "weight": weight,
-        "A": {"file": path_a.name, "sha256": sha256_file(path_a), "card": card_a},
-        "B": {"file": path_b.name, "sha256": sha256_file(path_b), "card": card_b},
+        "A": {"file": path_a.name, "sha256": sha256_file(path_a), "card": card_a.to_dict()},
+        "B": {"file": path_b.name, "sha256": sha256_file(path_b), "card": card_b.to_dict()},
         "command": f"python -m fsr.models.interpolate {path_a} {path_b} --weight {weight:g} --out {out_path}",
     }
-    return export_generator(state, out_path, card)
+    card = ModelCard(
+        card_a.architecture, card_a.arch_args, scale=card_a.scale, name=Path(out_path).stem,
+        input_size=card_a.input_size, output_size=card_a.output_size, extra={"interpolation": interpolation},
+    )
+    return export_sr_model(state, out_path, card)
 
 
 def main(argv: list[str] | None = None) -> int:

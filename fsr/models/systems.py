@@ -9,8 +9,7 @@ to BasicSR-format RRDB x4 weights (``.pth``: ``params_ema``/``params``/plain sta
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -18,10 +17,9 @@ from torch import nn
 
 from fsr.core.batching import BatchSizer, run_batched
 from fsr.core.device import Compute
-from fsr.core.weights import WeightsError, find_weights, load_safetensors, load_torch_checkpoint
+from fsr.core.weights import WeightsError, find_weights
 from fsr.data.degrade import bicubic_up
-from fsr.models.generators import build_generator
-from fsr.models.rrdb import rrdb_args_from_state_dict
+from fsr.models.sr import ModelCard, load_sr_model, read_card
 
 DEFAULT_MODEL_NAME = "fsr_default"
 
@@ -30,6 +28,7 @@ DEFAULT_MODEL_NAME = "fsr_default"
 class SRSystem:
     """Something that turns LR faces into SR faces.
 
+    ``card`` is the model's :class:`~fsr.models.sr.ModelCard` (None for bicubic).
     ``upscale(lr)``: (N, 3, h, w) float in [0, 1] (any device) -> (N, 3, h*scale, w*scale)
     float32 in [0, 1] on the CPU. Batched on ``compute``'s device with OOM back-off.
     """
@@ -38,7 +37,7 @@ class SRSystem:
     scale: int = 4
     model: nn.Module | None = None
     compute: Compute | None = None
-    card: dict = field(default_factory=dict)
+    card: ModelCard | None = None  # None for the bicubic system
     _sizer: BatchSizer | None = None
 
     def __post_init__(self) -> None:
@@ -71,47 +70,14 @@ class SRSystem:
     __call__ = upscale
 
 
-def load_model_card(weights_path: Path) -> dict:
-    """The JSON model card beside an fsr export (``NAME.json`` next to ``NAME.safetensors``)."""
-    card_path = weights_path.with_suffix(".json")
-    if not card_path.is_file():
-        raise WeightsError(f"{weights_path}: model card {card_path.name} not found beside it")
-    try:
-        return json.loads(card_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise WeightsError(f"{card_path}: invalid model card JSON ({exc})") from None
+def load_model_card(weights_path: str | Path) -> ModelCard:
+    """The card beside an fsr export (kept name; reads through :func:`fsr.models.sr.read_card`)."""
+    return read_card(weights_path)
 
 
-def load_generator_file(path: str | Path) -> tuple[nn.Module, dict]:
-    """Build and load a generator from an fsr export or BasicSR RRDB weights."""
-    path = Path(path)
-    if path.suffix == ".safetensors":
-        card = load_model_card(path)
-        state = load_safetensors(path)
-        arch = card.get("architecture", "rrdb")
-        args = card.get("arch_args") or (rrdb_args_from_state_dict(state) if arch == "rrdb" else {})
-    elif path.suffix in (".pth", ".pt"):
-        ckpt = load_torch_checkpoint(path)
-        state = ckpt
-        if isinstance(ckpt, dict):
-            for key in ("params_ema", "params", "state_dict"):
-                if key in ckpt and isinstance(ckpt[key], dict):
-                    state = ckpt[key]
-                    break
-        if not isinstance(state, dict) or "conv_first.weight" not in state:
-            raise WeightsError(f"{path}: not a BasicSR-format RRDBNet state dict (no 'conv_first.weight')")
-        arch, args = "rrdb", rrdb_args_from_state_dict(state)
-        card = {"architecture": arch, "arch_args": args, "source": str(path), "scale": 4}
-    else:
-        raise WeightsError(f"{path}: unsupported model file (expected .safetensors with a .json card, or BasicSR .pth)")
-    model = build_generator(arch, **args)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise WeightsError(
-            f"{path}: weights do not fit architecture '{arch}' {args} "
-            f"(missing {len(missing)} keys e.g. {missing[:2]}, unexpected {len(unexpected)} e.g. {unexpected[:2]})"
-        )
-    return model, card
+def load_generator_file(path: str | Path) -> tuple[nn.Module, ModelCard]:
+    """Build and load a generator from an fsr export or BasicSR RRDB weights (:func:`fsr.models.sr.load_sr_model`)."""
+    return load_sr_model(path)
 
 
 def load_sr_system(spec: str, compute: Compute | None = None) -> SRSystem:
@@ -132,5 +98,5 @@ def load_sr_system(spec: str, compute: Compute | None = None) -> SRSystem:
         if path is None:
             raise WeightsError(f"{spec}: no such model file, and no {spec}.safetensors in the weights folders")
         name = candidate.stem if candidate.is_file() else spec
-    model, card = load_generator_file(path)
-    return SRSystem(name=name, scale=int(card.get("scale", 4)), model=model, compute=compute, card=card)
+    model, card = load_sr_model(path)
+    return SRSystem(name=name, scale=card.scale, model=model, compute=compute, card=card)

@@ -33,6 +33,7 @@ from safetensors.torch import load_file, save_file
 
 from fsr.core.io import atomic_write_text
 from fsr.core.weights import WeightsError, load_torch_checkpoint, save_safetensors, sha256_file, write_json
+from fsr.models.sr import ModelCard, export_sr_model
 
 MARKER = "COMPLETE"
 STATE_FILE = "state.pt"
@@ -169,20 +170,12 @@ def save_best(run_dir: str | Path, tensors: dict[str, torch.Tensor], info: dict)
 
 
 def export_generator(tensors: dict[str, torch.Tensor], out_path: str | Path, card: dict) -> tuple[Path, Path]:
-    """Write ``NAME.safetensors`` + ``NAME.json`` (model card) for :func:`fsr.models.systems.load_sr_system`.
+    """Write ``NAME.safetensors`` + ``NAME.json`` through :func:`fsr.models.sr.export_sr_model`.
 
-    ``card`` must hold at least ``architecture`` and ``arch_args``; ``scale`` defaults to 4.
-    The weights are written first and the card last, both atomically.
+    ``card``: the JSON form of a :class:`fsr.models.sr.ModelCard` (at least ``architecture``
+    and ``arch_args``; ``scale`` defaults to 4).
     """
-    out_path = Path(out_path)
-    if out_path.suffix != ".safetensors":
-        out_path = out_path.with_name(out_path.name + ".safetensors")
     for key in ("architecture", "arch_args"):
         if key not in card:
             raise ValueError(f"model card lacks '{key}'")
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    digest = save_safetensors(tensors, out_path, metadata={"format": "pt", "architecture": card["architecture"]})
-    card = {"scale": 4, **card, "sha256": digest}
-    card_path = out_path.with_suffix(".json")
-    write_json(card_path, card)
-    return out_path, card_path
+    return export_sr_model(tensors, out_path, ModelCard.from_dict(card, name=Path(out_path).stem))

@@ -36,7 +36,8 @@ from fsr.data.dataset import (
     split_train_val,
 )
 from fsr.data.degrade import bicubic_up
-from fsr.train.checkpoint import export_generator, find_latest_checkpoint, save_best, save_checkpoint
+from fsr.models.sr import ModelCard, export_sr_model
+from fsr.train.checkpoint import find_latest_checkpoint, save_best, save_checkpoint
 from fsr.train.config import Config, apply_mapping, apply_override, build_config, config_from_dict, dump_config
 from fsr.train.distributed import DistInfo, barrier, cleanup, init_distributed, local_device
 from fsr.train.losses import IdentityFeatures, PerceptualFeatures
@@ -435,22 +436,25 @@ def export_trained_generator(trainer: SRTrainer, cfg: Config, export: str, run_d
                              command: str | None) -> tuple[Path, Path]:
     """Export G (EMA when enabled) with its model card."""
     generator = trainer.inference_generator()
-    card = {
-        "architecture": cfg.model.arch,
-        "arch_args": dict(getattr(generator, "arch_args", cfg.model.generator_args())),
-        "scale": 4,
-        "input_size": 32,
-        "output_size": 128,
-        "weights_of": "generator_ema" if trainer.ema is not None else "generator",
-        "preset": cfg.preset,
-        "data": data_info,
-        "steps": step,
-        "config": cfg.to_dict(),
-        "metrics": {"validation": metrics, "bicubic": bicubic},
-        "command": command if command is not None else " ".join(sys.argv),
-        "hardware": {"machine": machine_description(), "compute": compute.describe(),
-                     "precision": precision_name(compute.dtype), "processes": dist.world_size},
-        "fsr_version": __version__,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
-    return export_generator(generator.state_dict(), export_path(export, run_dir), card)
+    card = ModelCard(
+        architecture=cfg.model.arch,
+        arch_args=dict(getattr(generator, "arch_args", cfg.model.generator_args())),
+        scale=4,
+        name=export_path(export, run_dir).stem,
+        input_size=32,
+        output_size=128,
+        training_data=data_info,
+        metrics={"validation": metrics, "bicubic": bicubic},
+        extra={
+            "weights_of": "generator_ema" if trainer.ema is not None else "generator",
+            "preset": cfg.preset,
+            "steps": step,
+            "config": cfg.to_dict(),
+            "command": command if command is not None else " ".join(sys.argv),
+            "hardware": {"machine": machine_description(), "compute": compute.describe(),
+                         "precision": precision_name(compute.dtype), "processes": dist.world_size},
+            "fsr_version": __version__,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        },
+    )
+    return export_sr_model(generator.state_dict(), export_path(export, run_dir), card)
