@@ -1,33 +1,39 @@
 """``fsr upscale``: super-resolve face crops, or the faces inside whole photos.
 
-Three modes, chosen per image:
+plan -> load -> run -> write, on the one face pipeline (:mod:`fsr.models.face.pipeline`)
+and the typed SR model (:mod:`fsr.models.sr`). Modes, chosen per image:
 
-* ``faces``: the image *is* a face crop (any size). It is centre-padded to a square by
-  edge replication (no distortion), resized to the model's input (32x32 for fsr's x4
-  128 model) by antialiased bicubic (:func:`fsr.data.degrade.resize_bicubic`, the one
-  degradation path), super-resolved, resized to ``scale`` x the padded side and the
-  padding cropped off: the output is exactly ``scale*H x scale*W``. Crops from many
-  files are stacked and super-resolved together in batches on the device.
+* ``faces``: the image *is* a face crop (any size). The network runs on it at its own
+  resolution (fully convolutional, in overlapping tiles when large): the output is exactly
+  ``scale*H x scale*W``, and an input is never shrunk first.
 * ``photo``: the whole photo is upscaled by ``scale`` with a classical resampler
-  (antialiased bicubic, computed in tiles so a 50-megapixel photo fits in memory), every
-  face is found with fsr's MTCNN, and each face whose box is smaller than ``threshold``
-  pixels (the paper's Fig. 2 routing) is cut as a square (``fsr.detect.crop``, margin
-  0.25), resized to the model input, super-resolved, resized to its size in the output
-  and pasted back with a feathered mask. Pixels outside the pasted squares are exactly
-  the classical upscale.
+  (antialiased bicubic, in tiles), every face is found with fsr's MTCNN and judged by the
+  one selection rule (score, landmark geometry, minimum size); each real face the routing
+  rule admits is cut as a square (margin 0.25) with some context, super-resolved at its own
+  resolution and pasted back with a feathered mask. Pixels outside the pasted squares are
+  exactly the classical upscale.
 * ``auto`` (default): an image whose long side is at most ``auto_face_max_side`` pixels
   (160) and whose aspect ratio is at most 1.25 is taken as a face crop; everything else
   is a photo.
 
+Routing (:func:`fsr.models.face.pipeline.routes_to_sr`): by default a face goes through the
+model only when its size lies in the model card's validated ``lr_face_range``; the others
+keep the classical upscale. Every SR face gets its identity drift (dlib distance between the
+SR face and the classical upscale of the same input); above ``max_drift`` the classical
+upscale is kept. The per-image report lists every detection with its route and reason.
+
 The alpha channel, when present, is upscaled classically and kept. Outputs are written
-atomically (:func:`fsr.core.io.write_image`); existing outputs are skipped unless
-``overwrite``; an input file is never written over.
+atomically (:func:`fsr.core.io.write_image`); OUT records the run's settings and the
+model's checksum (``.fsr-upscale.json``): finished outputs are skipped when a re-run uses
+the same settings, and a re-run with other settings is refused unless ``overwrite``. An
+input file is never written over.
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import json
 import math
 import os
 import time
@@ -37,7 +43,6 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import cv2
 import numpy as np
 import torch
 
@@ -56,6 +61,28 @@ from fsr.core.io import (
 )
 from fsr.core.weights import WeightsError
 from fsr.data.degrade import resize_bicubic
+from fsr.detect.crop import extract_square
+from fsr.detect.mtcnn import MTCNN
+from fsr.models.face import create_face_model
+from fsr.models.face.base import FaceModel
+from fsr.models.face.pipeline import (
+    DEFAULT_MAX_DRIFT,
+    DEFAULT_MIN_FACE,
+    DEFAULT_MIN_SCORE,
+    DEFAULT_TILE,
+    Face,
+    FaceFilter,
+    face_window,
+    feather_mask,
+    feather_ramp,
+    find_faces,
+    identity_drift,
+    paste_face,
+    routes_to_sr,
+    super_resolve,
+    super_resolve_window,
+    window_landmarks,
+)
 from fsr.models.systems import SRSystem, load_sr_system
 
 MODES = ("auto", "faces", "photo")
@@ -63,6 +90,9 @@ FORMATS = ("same", "png", "jpg", "webp")
 # Largest side each output format can hold (OpenCV encoders).
 FORMAT_MAX_SIDE = {".webp": 16383, ".jpg": 65535, ".jpeg": 65535}
 CLASSICAL = "classical"
+SETTINGS_FILE = ".fsr-upscale.json"
+DRIFT_FACE_MODEL = "dlib"
+__all__ = ["feather_mask", "feather_ramp", "paste_face"]  # re-exported from the face pipeline
 
 
 class UpscaleError(ValueError):
@@ -73,10 +103,13 @@ class UpscaleError(ValueError):
 class UpscaleOptions:
     """What ``fsr upscale`` does; every field is one CLI option.
 
-    threshold: faces whose detected box (longer side, input pixels) is smaller than this go
-        through the model in photo mode; larger ones keep the classical upscale. 0 = all.
+    threshold: routing of faces to the model. None: the model card's validated LR face-size
+        range; 0: every face; PX: faces whose detected box side is below PX (paper's Fig. 2).
     margin: face crop margin around the detected box (fraction of the box side per side).
+    min_score, detect_min_face, check_landmarks: what counts as a real face (the face filter).
+    max_drift: SR faces whose identity drift exceeds this keep the classical upscale (0 = off).
     tile: side, in input pixels, of the tiles the classical upscale is computed in.
+    sr_tile: side, in input pixels, of the tiles the network runs on for large faces.
     feather: width of the paste-back blend ramp as a fraction of the face square's side.
     detect_max_pixels: bigger photos are shrunk to this many pixels for face detection only.
     """
@@ -84,15 +117,19 @@ class UpscaleOptions:
     mode: str = "auto"
     model: str = "default"
     scale: int = 4
-    threshold: int = 64
+    threshold: float | None = None
     margin: float = 0.25
-    detect_min_face: int = 20
+    detect_min_face: int = DEFAULT_MIN_FACE
+    min_score: float = DEFAULT_MIN_SCORE
+    check_landmarks: bool = True
+    max_drift: float = DEFAULT_MAX_DRIFT
     out_format: str = "same"
     suffix: str = ""
     quality: int = 95
     overwrite: bool = False
     max_pixels: int = DEFAULT_MAX_PIXELS
     tile: int = 512
+    sr_tile: int = DEFAULT_TILE
     feather: float = 0.12
     detect_max_pixels: int = 12_000_000
     auto_face_max_side: int = 160
@@ -106,16 +143,23 @@ class UpscaleOptions:
             raise UpscaleError(f"unknown format '{self.out_format}' (expected {'|'.join(FORMATS)})")
         if not 1 <= self.scale <= 16:
             raise UpscaleError(f"--scale must be an integer from 1 to 16, got {self.scale}")
-        if self.threshold < 0:
+        if self.threshold is not None and self.threshold < 0:
             raise UpscaleError(f"--threshold must be >= 0, got {self.threshold}")
         if not 0.0 <= self.margin <= 2.0:
             raise UpscaleError(f"--margin must be in [0, 2], got {self.margin}")
+        if not 0.0 <= self.min_score <= 1.0:
+            raise UpscaleError(f"--min-score must be in [0, 1], got {self.min_score}")
+        if self.max_drift < 0:
+            raise UpscaleError(f"--max-drift must be >= 0, got {self.max_drift}")
         if not 0.0 <= self.feather < 0.5:
             raise UpscaleError(f"feather must be in [0, 0.5), got {self.feather}")
-        if self.tile < 16:
-            raise UpscaleError(f"--tile must be at least 16 pixels, got {self.tile}")
+        if self.tile < 16 or self.sr_tile < 16:
+            raise UpscaleError(f"--tile must be at least 16 pixels, got {min(self.tile, self.sr_tile)}")
         if any(c in self.suffix for c in "/\\"):
             raise UpscaleError(f"--suffix must not contain a path separator: '{self.suffix}'")
+
+    def face_filter(self) -> FaceFilter:
+        return FaceFilter(self.min_score, self.detect_min_face, self.check_landmarks)
 
 
 @dataclass
@@ -133,8 +177,10 @@ class ImageResult:
     out_height: int = 0
     faces_found: int = 0
     faces_sr: int = 0
+    faces_rejected: int = 0
     seconds: float = 0.0
     model: str = ""
+    faces: list[dict] = field(default_factory=list)  # one record per detection (JSON report)
 
 
 @dataclass
@@ -145,6 +191,8 @@ class UpscaleSummary:
     model: str
     device: str
     seconds: float
+    processing_seconds: float = 0.0
+    output_root: str = ""
     options: dict = field(default_factory=dict)
 
     def count(self, status: str) -> int:
@@ -173,6 +221,10 @@ class UpscaleSummary:
     @property
     def faces_sr(self) -> int:
         return sum(r.faces_sr for r in self.results)
+
+    @property
+    def faces_rejected(self) -> int:
+        return sum(r.faces_rejected for r in self.results)
 
     @property
     def succeeded(self) -> bool:
@@ -297,164 +349,7 @@ def classical_upscale(image: np.ndarray, scale: int, tile: int = 512) -> np.ndar
     return out[..., 0] if squeeze else out
 
 
-def feather_ramp(side: int, feather: float = 0.12) -> np.ndarray:
-    """(side,) float32: 1 in the middle, a smoothstep ramp to 0 over the outer ``feather * side``
-    pixels at both ends."""
-    ramp_width = max(1.0, feather * side)
-    coords = np.arange(side, dtype=np.float32) + 0.5
-    dist = np.minimum(coords, side - coords)  # distance from the nearer edge
-    t = np.clip(dist / ramp_width, 0.0, 1.0)
-    return (t * t * (3.0 - 2.0 * t)).astype(np.float32)
-
-
-def feather_mask(side: int, feather: float = 0.12) -> np.ndarray:
-    """(side, side) float32 paste-back blend weights: the outer product of two :func:`feather_ramp`."""
-    ramp = feather_ramp(side, feather)
-    return np.outer(ramp, ramp)
-
-
-def resize_matrix(size_in: int, size_out: int) -> torch.Tensor:
-    """(size_out, size_in) matrix M with ``M @ v`` = antialiased bicubic resize of ``v`` (the
-    operator :func:`resize_bicubic` applies along one axis, obtained by resizing the identity)."""
-    eye = torch.eye(size_in, dtype=torch.float32)[None, None]
-    return resize_bicubic(eye, (size_out, size_in))[0, 0]
-
-
-def paste_face(
-    canvas: np.ndarray, face: torch.Tensor, x0: int, y0: int, out_side: int, feather: float = 0.12, band: int = 512
-) -> None:
-    """Resize a (3, s, s) [0, 1] SR face to ``out_side`` (antialiased bicubic) and blend it into
-    ``canvas`` (H, W, 3 uint8/uint16, in place) at (x0, y0) with :func:`feather_mask`.
-
-    Parts outside the canvas are dropped. The resize is applied as two matrix products and
-    the blend is done ``band`` rows at a time, so even a face thousands of pixels wide in a
-    huge output needs only a few ``band x out_side`` float buffers.
-    """
-    height, width = canvas.shape[:2]
-    cx0, cy0 = max(0, x0), max(0, y0)
-    cx1, cy1 = min(width, x0 + out_side), min(height, y0 + out_side)
-    if cx1 <= cx0 or cy1 <= cy0:
-        return
-    maxv = _max_value(canvas.dtype)
-    face = face.float().cpu()
-    weights = resize_matrix(face.shape[-1], out_side)
-    ramp = torch.from_numpy(feather_ramp(out_side, feather))
-    cols = slice(cx0 - x0, cx1 - x0)
-    face_cols = torch.einsum("chs,xs->chx", face, weights[cols])  # (3, s, columns in canvas)
-    ramp_cols = ramp[cols]
-    for r0 in range(cy0, cy1, band):
-        r1 = min(cy1, r0 + band)
-        rows = slice(r0 - y0, r1 - y0)
-        sr = torch.einsum("ys,csx->yxc", weights[rows], face_cols).clamp_(0, 1)
-        mask = (ramp[rows, None] * ramp_cols[None, :])[..., None]
-        region = torch.from_numpy(canvas[r0:r1, cx0:cx1].astype(np.float32)).div_(maxv)
-        blended = mask * sr + (1.0 - mask) * region
-        canvas[r0:r1, cx0:cx1] = blended.clamp_(0, 1).mul_(maxv).round_().numpy().astype(canvas.dtype)
-
-
-def model_input_size(system: SRSystem) -> int:
-    """Side of the LR face the system expects (model card ``lr_size``; 32 for fsr's x4 128 model)."""
-    card = system.card or {}
-    return int(card.get("lr_size") or card.get("input_size") or 32)
-
-
-@dataclass
-class FaceInput:
-    """A face crop ready for the model: (3, s, s) LR tensor plus what is needed to undo the padding."""
-
-    lr: torch.Tensor
-    height: int
-    width: int
-    pad_top: int
-    pad_left: int
-    alpha: np.ndarray | None
-    dtype: np.dtype
-
-
-def prepare_face_crop(image: LoadedImage, lr_size: int) -> FaceInput:
-    """Centre-pad a face crop to a square by edge replication and resize it to ``lr_size``."""
-    rgb = image.rgb
-    height, width = rgb.shape[:2]
-    side = max(height, width)
-    pad_top, pad_left = (side - height) // 2, (side - width) // 2
-    if side != height or side != width:
-        rgb = np.pad(
-            rgb, ((pad_top, side - height - pad_top), (pad_left, side - width - pad_left), (0, 0)), mode="edge"
-        )
-    lr = resize_bicubic(to_tensor(rgb)[None], lr_size)[0].clamp(0, 1)
-    return FaceInput(lr, height, width, pad_top, pad_left, image.alpha, rgb.dtype)
-
-
-def finish_face_crop(sr: torch.Tensor, face: FaceInput, scale: int) -> tuple[np.ndarray, np.ndarray | None]:
-    """(3, S, S) model output -> (scale*H, scale*W, 3) image of the input's dtype (+ upscaled alpha)."""
-    side = max(face.height, face.width) * scale
-    full = resize_bicubic(sr[None], side)[0]
-    top, left = face.pad_top * scale, face.pad_left * scale
-    crop = full[:, top : top + face.height * scale, left : left + face.width * scale]
-    alpha = None if face.alpha is None else classical_upscale(face.alpha, scale)
-    return _quantize(crop.contiguous(), face.dtype), alpha
-
-
-# ----------------------------------------------------------------------------- photo mode
-
-
-def _face_detector(compute: Compute):
-    from fsr.detect.mtcnn import MTCNN  # imported lazily: faces-only runs need no detector
-
-    return MTCNN.load(compute)
-
-
-def detect_faces(detector, rgb8: np.ndarray, options: UpscaleOptions) -> np.ndarray:
-    """(K, 4) x1, y1, x2, y2 face boxes in ``rgb8``'s pixels.
-
-    Photos above ``detect_max_pixels`` are searched on a copy shrunk to that size (area
-    averaging) and the boxes scaled back: the detector's memory grows faster than the
-    pixel count, and faces small enough to be worth super-resolving stay above the
-    detector's minimum size (20 px) after the shrink for photos up to ~50 MP.
-    """
-    height, width = rgb8.shape[:2]
-    factor = 1.0
-    if height * width > options.detect_max_pixels:
-        factor = math.sqrt(options.detect_max_pixels / (height * width))
-        size = (max(1, round(width * factor)), max(1, round(height * factor)))
-        rgb8 = cv2.resize(rgb8, size, interpolation=cv2.INTER_AREA)
-    detections = detector.detect([rgb8], min_face=options.detect_min_face)[0]
-    boxes = np.asarray(detections.boxes, dtype=np.float64).reshape(-1, 4)
-    return boxes / factor
-
-
-def upscale_photo(
-    image: LoadedImage, system: SRSystem, detector, options: UpscaleOptions
-) -> tuple[np.ndarray, np.ndarray | None, int, int]:
-    """Whole photo -> (rgb, alpha, faces found, faces super-resolved) at ``scale`` x the size.
-
-    Classical tiled bicubic everywhere, then each face smaller than ``threshold`` is
-    replaced by its super-resolved version, blended in with :func:`feather_mask`.
-    """
-    from fsr.detect.crop import crop_square, square_box
-
-    scale = options.scale
-    canvas = classical_upscale(image.rgb, scale, options.tile)
-    alpha = None if image.alpha is None else classical_upscale(image.alpha, scale, options.tile)
-    rgb8 = image.rgb_uint8()  # detection and face crops work on 8 bits (16-bit photos keep 16 elsewhere)
-    boxes = detect_faces(detector, rgb8, options)
-    chosen: list[tuple[int, int, int]] = []
-    for box in boxes:
-        face_side = max(box[2] - box[0], box[3] - box[1])
-        if options.threshold and face_side >= options.threshold:
-            continue
-        chosen.append(square_box(box, margin=options.margin))  # integer (x0, y0, side)
-    if chosen:
-        lr_size = model_input_size(system)
-        crops = [to_tensor(np.asarray(crop_square(rgb8, x0, y0, side, lr_size))) for x0, y0, side in chosen]
-        lr = torch.stack(crops).clamp_(0, 1)
-        sr = system.upscale(lr)
-        for (x0, y0, side), face in zip(chosen, sr):
-            paste_face(canvas, face, x0 * scale, y0 * scale, side * scale, options.feather)
-    return canvas, alpha, len(boxes), len(chosen)
-
-
-# ----------------------------------------------------------------------------- the run
+# ----------------------------------------------------------------------------- load and write helpers
 
 
 def _available_memory_bytes() -> int | None:
@@ -491,8 +386,7 @@ def _check_output_size(job: Job, height: int, width: int, channels: int, itemsiz
 class _Loaded:
     job: Job
     mode: str = ""
-    image: LoadedImage | None = None  # photo mode
-    face: FaceInput | None = None  # faces mode
+    image: LoadedImage | None = None
     error: str = ""
     seconds: float = 0.0
 
@@ -523,6 +417,322 @@ def _write(job: Job, rgb: np.ndarray, alpha: np.ndarray | None, quality: int) ->
     write_image(job.output, rgb, alpha, quality=quality)
 
 
+
+# ----------------------------------------------------------------------------- the models a run uses
+
+
+class RunModels:
+    """The SR system, and the face detector and identity model loaded on first use.
+
+    Loading errors of the detector / identity model are kept and raised per image as
+    :class:`FaceToolError`, so one missing model fails the photos that need it, not the run.
+    """
+
+    def __init__(self, system: SRSystem, compute: Compute, detector=None, face_model=None) -> None:
+        self.system = system
+        self.compute = compute
+        self._detector = detector
+        self._face_model = face_model
+        self._errors: dict[str, str] = {}
+
+    def _lazy(self, kind: str, make: Callable):
+        if kind in self._errors:
+            raise FaceToolError(self._errors[kind])
+        try:
+            return make()
+        except Exception as exc:  # noqa: BLE001 - reported per image, one line
+            self._errors[kind] = f"{kind} unavailable ({exc.__class__.__name__}: {exc})"
+            raise FaceToolError(self._errors[kind]) from None
+
+    def detector(self):
+        if self._detector is None:
+            self._detector = self._lazy("face detector", lambda: MTCNN.load(self.compute))
+        return self._detector
+
+    def face_model(self) -> FaceModel:
+        if self._face_model is None:
+            self._face_model = self._lazy("identity model", lambda: create_face_model(DRIFT_FACE_MODEL, compute=self.compute))
+        return self._face_model
+
+    @property
+    def lr_face_range(self) -> tuple[float, float] | None:
+        return None if self.system.card is None else self.system.card.lr_face_range
+
+
+class FaceToolError(RuntimeError):
+    """The face detector or identity model could not be loaded (one line, per image)."""
+
+
+# ----------------------------------------------------------------------------- faces mode
+
+
+def crop_face_side(height: int, width: int, margin: float) -> float:
+    """Estimated detector-box side of the face in a crop cut with ``square_box`` margin ``margin``."""
+    return max(height, width) / (1.0 + 2.0 * margin)
+
+
+def upscale_crop(rgb: np.ndarray, models: RunModels, options: UpscaleOptions) -> tuple[np.ndarray, dict]:
+    """A face crop (H, W, 3) at its own size -> (scale*H, scale*W, 3) of the same dtype, and its face record.
+
+    In the model's range (:func:`routes_to_sr` on the estimated face size) the network runs at
+    the crop's own resolution; elsewhere, or when the identity drift exceeds ``max_drift``,
+    the classical upscale is kept.
+    """
+    height, width = rgb.shape[:2]
+    side = crop_face_side(height, width, options.margin)
+    record = {"box": [0, 0, width, height], "side": round(side, 1), "route": CLASSICAL, "reason": "", "drift": None}
+    classical = classical_upscale(rgb, options.scale, options.tile)
+    if not routes_to_sr(side, models.lr_face_range, options.threshold):
+        record["reason"] = "outside the model's face-size range"
+        return classical, record
+    sr = super_resolve(models.system, to_tensor(rgb), options.sr_tile)
+    if models.system.scale != options.scale:
+        sr = resize_bicubic(sr[None], (height * options.scale, width * options.scale))[0]
+    drift = face_drift(models, sr[None], to_tensor(classical)[None], None)
+    record["drift"] = drift[0]
+    if drift[0] is not None and options.max_drift and drift[0] > options.max_drift:
+        record["reason"] = f"identity drift {drift[0]:.3f} > {options.max_drift:g}"
+        return classical, record
+    record["route"] = "sr"
+    return _quantize(sr.contiguous(), rgb.dtype), record
+
+
+def face_drift(models: RunModels, sr: torch.Tensor, classical: torch.Tensor, landmarks: torch.Tensor | None) -> list:
+    """Identity drift per face (None for the bicubic system, which cannot drift)."""
+    if models.system.model is None:
+        return [None] * sr.shape[0]
+    drift = identity_drift(models.face_model(), sr, classical, landmarks)
+    return [round(float(d), 4) for d in drift]
+
+
+# ----------------------------------------------------------------------------- photo mode
+
+
+@dataclass
+class PhotoFaces:
+    """Photo-mode outcome: the upscaled canvas and alpha, and one record per detection."""
+
+    rgb: np.ndarray
+    alpha: np.ndarray | None
+    faces: list[dict]
+
+
+def face_record(face: Face) -> dict:
+    return {"box": [round(float(v), 1) for v in face.box], "score": round(face.score, 4), "side": round(face.side, 1),
+            "route": "rejected" if face.rejected else CLASSICAL, "reason": face.rejected, "drift": None}
+
+
+def admitted_faces(faces: list[Face], records: list[dict], models: RunModels, options: UpscaleOptions) -> list[int]:
+    """Indices of the real faces the routing rule sends to the model (others marked in ``records``)."""
+    chosen = []
+    for k, face in enumerate(faces):
+        if face.rejected:
+            continue
+        if routes_to_sr(face.side, models.lr_face_range, options.threshold):
+            chosen.append(k)
+        else:
+            records[k]["reason"] = "outside the model's face-size range"
+    return chosen
+
+
+def super_resolve_faces(image: LoadedImage, canvas: np.ndarray, faces: list[Face], chosen: list[int],
+                        models: RunModels, options: UpscaleOptions) -> tuple[list[torch.Tensor], list]:
+    """SR squares (3, scale*side, scale*side) of the chosen faces, and their identity drift
+    against the same squares of the classical ``canvas``."""
+    scale, srs, drifts = options.scale, [], []
+    for k in chosen:
+        window = face_window(faces[k], options.margin)
+        sr = super_resolve_window(models.system, image.rgb, window, options.sr_tile)
+        out_side = window.side * scale
+        if sr.shape[-1] != out_side:
+            sr = resize_bicubic(sr[None], out_side)[0]
+        classical = to_tensor(np.ascontiguousarray(extract_square(canvas, window.x0 * scale, window.y0 * scale, out_side)))
+        marks = torch.from_numpy(window_landmarks(faces[k], window, out_side))
+        drifts += face_drift(models, sr[None], classical[None], marks[None])
+        srs.append(sr)
+    return srs, drifts
+
+
+def upscale_photo(image: LoadedImage, models: RunModels, options: UpscaleOptions) -> PhotoFaces:
+    """Whole photo -> classical upscale by ``scale`` with every admitted real face replaced by its
+    SR version at its own resolution (feathered paste-back), plus the per-face records."""
+    scale = options.scale
+    canvas = classical_upscale(image.rgb, scale, options.tile)
+    alpha = None if image.alpha is None else classical_upscale(image.alpha, scale, options.tile)
+    faces = find_faces(models.detector(), image.rgb_uint8(), options.face_filter(), options.detect_max_pixels)
+    records = [face_record(face) for face in faces]
+    chosen = admitted_faces(faces, records, models, options)
+    srs, drifts = super_resolve_faces(image, canvas, faces, chosen, models, options)
+    for k, sr, drift in zip(chosen, srs, drifts):
+        records[k]["drift"] = drift
+        if drift is not None and options.max_drift and drift > options.max_drift:
+            records[k]["reason"] = f"identity drift {drift:.3f} > {options.max_drift:g}"
+            continue
+        window = face_window(faces[k], options.margin)
+        paste_face(canvas, sr, window.x0 * scale, window.y0 * scale, window.side * scale, options.feather)
+        records[k]["route"] = "sr"
+    return PhotoFaces(canvas, alpha, records)
+
+
+# ----------------------------------------------------------------------------- settings record
+
+
+def output_root(src: Path, dst: Path) -> Path:
+    """The folder the outputs (and the settings record) go to."""
+    if src.is_dir():
+        return dst
+    return dst.parent if dst.suffix.lower() in IMAGE_EXTENSIONS and not dst.is_dir() else dst
+
+
+def run_settings(options: UpscaleOptions, system: SRSystem) -> dict:
+    """Everything that decides the output pixels: options, model name and weights checksum."""
+    skip = {"overwrite", "show_progress", "max_pixels", "detect_max_pixels"}
+    settings = {k: v for k, v in asdict(options).items() if k not in skip}
+    settings["model"] = system.name
+    settings["model_sha256"] = system.card.sha256 if system.card is not None else "bicubic"
+    return settings
+
+
+def settings_conflict(root: Path, settings: dict) -> str:
+    """'' when OUT's recorded settings match ``settings`` (or none are recorded), else what differs."""
+    path = root / SETTINGS_FILE
+    try:
+        recorded = json.loads(path.read_text()).get("settings", {})
+    except (OSError, ValueError, AttributeError):
+        return ""
+    changed = [f"{key} {recorded.get(key)!r} -> {value!r}" for key, value in settings.items() if recorded.get(key) != value]
+    return ", ".join(changed[:3]) + (f" and {len(changed) - 3} more" if len(changed) > 3 else "")
+
+
+def record_settings(root: Path, settings: dict) -> None:
+    """Write OUT/.fsr-upscale.json (atomically) so a later run can tell its outputs apart."""
+    root.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(root / SETTINGS_FILE, json.dumps({"settings": settings}, indent=2, default=str) + "\n")
+
+
+# ----------------------------------------------------------------------------- plan, load, run, write
+
+
+@dataclass
+class RunPlan:
+    """What a run will do: every job, the ones to process, and the results already known."""
+
+    jobs: list[Job]
+    pending: list[Job]
+    known: dict[Path, ImageResult]
+    root: Path
+    settings: dict
+
+
+def plan_run(src: str | os.PathLike, dst: str | os.PathLike, options: UpscaleOptions, system: SRSystem) -> RunPlan:
+    """Pair inputs with outputs; skip finished outputs made with the same settings, refuse
+    (one line naming --overwrite) to mix outputs of other settings."""
+    jobs = plan_jobs(src, dst, options)
+    root = output_root(Path(src).expanduser(), Path(dst).expanduser())
+    settings = run_settings(options, system)
+    existing = {job.output for job in jobs if job.output.exists()}
+    if existing and not options.overwrite:
+        conflict = settings_conflict(root, settings)
+        if conflict:
+            raise UpscaleError(
+                f"{root}: holds {len(existing)} output(s) made with other settings ({conflict}); "
+                "re-run with --overwrite to re-do them, or choose another OUT"
+            )
+    known, pending = {}, []
+    for job in jobs:
+        if job.output in existing and not options.overwrite:
+            known[job.input] = ImageResult(str(job.input), str(job.output), "skipped", reason="output exists")
+        else:
+            pending.append(job)
+    return RunPlan(jobs, pending, known, root, settings)
+
+
+def load_job(job: Job, options: UpscaleOptions) -> _Loaded:
+    """Read one input and decide its mode (runs in the read-ahead pool)."""
+    t0 = time.perf_counter()
+    item = _Loaded(job)
+    try:
+        image = read_image(job.input, max_pixels=options.max_pixels)
+        item.mode = choose_mode(image.height, image.width, options)
+        channels = 3 + (image.alpha is not None)
+        _check_output_size(job, image.height, image.width, channels, image.rgb.itemsize, options.scale)
+        item.image = image
+    except ImageReadError as exc:
+        item.error = exc.reason
+    except MemoryError:
+        item.error = "not enough memory to decode"
+    item.seconds = time.perf_counter() - t0
+    return item
+
+
+def run_job(item: _Loaded, models: RunModels, options: UpscaleOptions) -> ImageResult:
+    """Upscale and write one loaded input; every failure becomes a ``failed`` result."""
+    image, job = item.image, item.job
+    item.image = None
+    t0 = time.perf_counter()
+    try:
+        if item.mode == "faces":
+            rgb, record = upscale_crop(image.rgb, models, options)
+            faces = [record]
+            alpha = None if image.alpha is None else classical_upscale(image.alpha, options.scale, options.tile)
+        else:
+            photo = upscale_photo(image, models, options)
+            rgb, alpha, faces = photo.rgb, photo.alpha, photo.faces
+        _write(job, rgb, alpha, options.quality)
+    except MemoryError:
+        return _result(item, "failed", reason="out of memory (use a smaller --scale or --tile)")
+    except FaceToolError as exc:
+        return _result(item, "failed", reason=str(exc))
+    except Exception as exc:  # noqa: BLE001 - one bad image must not stop the run
+        return _result(item, "failed", reason=f"{exc.__class__.__name__}: {exc}")
+    item.seconds += time.perf_counter() - t0
+    return _result(item, "done", image=image, rgb=rgb, faces=faces, model=models.system.name)
+
+
+def _result(item: _Loaded, status: str, *, reason: str = "", image: LoadedImage | None = None,
+            rgb: np.ndarray | None = None, faces: list[dict] | None = None, model: str = "") -> ImageResult:
+    faces = faces or []
+    sr = sum(f["route"] == "sr" for f in faces)
+    return ImageResult(
+        str(item.job.input), str(item.job.output), status, mode=item.mode, reason=reason,
+        width=image.width if image else 0, height=image.height if image else 0,
+        out_width=rgb.shape[1] if rgb is not None else 0, out_height=rgb.shape[0] if rgb is not None else 0,
+        faces_found=sum(f["route"] != "rejected" for f in faces) if item.mode == "photo" else len(faces),
+        faces_sr=sr, faces_rejected=sum(f["route"] == "rejected" for f in faces),
+        seconds=round(item.seconds, 4), model=(model if sr else CLASSICAL) if status == "done" else "", faces=faces,
+    )
+
+
+def run_pending(plan: RunPlan, models: RunModels, options: UpscaleOptions) -> tuple[dict[Path, ImageResult], float]:
+    """Load ahead in a thread pool, upscale and write each pending job in order.
+
+    Returns the results and the seconds spent (the progress bar's clock)."""
+    results = dict(plan.known)
+    workers = max(2, min(8, os.cpu_count() or 2))
+    progress = make_progress("img", disable=not options.show_progress)
+    pool = ThreadPoolExecutor(max_workers=workers)  # reads ahead while the model runs
+    started = time.perf_counter()
+    try:
+        with progress:
+            task = progress.add_task("upscale", total=len(plan.pending))
+            for item in _prefetch(lambda job: load_job(job, options), plan.pending, pool, window=8):
+                results[item.job.input] = (
+                    _result(item, "failed", reason=item.error) if item.error else run_job(item, models, options)
+                )
+                progress.advance(task)
+    finally:  # on Ctrl-C / SIGTERM: drop queued reads; writes in flight finish (they are atomic)
+        pool.shutdown(wait=True, cancel_futures=True)
+    return results, time.perf_counter() - started
+
+
+def load_system(options: UpscaleOptions, compute: Compute) -> SRSystem:
+    """The SR system named by ``--model``; one-line :class:`UpscaleError` when it cannot load."""
+    try:
+        return load_sr_system(options.model, compute)
+    except (WeightsError, ValueError, OSError) as exc:
+        raise UpscaleError(f"model '{options.model}': {exc}") from None
+
+
 def upscale_path(
     src: str | os.PathLike,
     dst: str | os.PathLike,
@@ -531,161 +741,31 @@ def upscale_path(
     *,
     detector=None,
     system: SRSystem | None = None,
+    face_model: FaceModel | None = None,
 ) -> UpscaleSummary:
-    """Upscale one image file or every image under a folder into ``dst``.
+    """Upscale one image file or every image under a folder into ``dst``: plan, load, run, write.
 
     Returns the per-image results; raises :class:`UpscaleError` (one line) only when the
-    run cannot start (bad paths, unsafe output, model not loadable). Bad images are
-    recorded as ``failed`` and skipped.
+    run cannot start (bad paths, unsafe output, model not loadable, OUT made with other
+    settings). Bad images are recorded as ``failed`` and skipped.
     """
     started = time.perf_counter()
     options.validate()
-    jobs = plan_jobs(src, dst, options)
-    results: dict[Path, ImageResult] = {}
-    pending: list[Job] = []
-    for job in jobs:
-        if job.output.exists() and not options.overwrite:
-            results[job.input] = ImageResult(str(job.input), str(job.output), "skipped", reason="output exists")
-        else:
-            pending.append(job)
-
-    model_name = options.model
-    if pending and system is None:
-        try:
-            system = load_sr_system(options.model, compute)
-        except (WeightsError, ValueError, OSError) as exc:
-            raise UpscaleError(f"model '{options.model}': {exc}") from None
-    if system is not None:
-        model_name = system.name
-        lr_size = model_input_size(system)
-    detector_state: dict = {"detector": detector, "error": None}
-
-    def get_detector():
-        if detector_state["detector"] is None and detector_state["error"] is None:
-            try:
-                detector_state["detector"] = _face_detector(compute)
-            except Exception as exc:  # noqa: BLE001 - reported per photo, one line
-                detector_state["error"] = f"face detector unavailable ({exc.__class__.__name__}: {exc})"
-        if detector_state["error"]:
-            raise RuntimeError(detector_state["error"])
-        return detector_state["detector"]
-
-    def load(job: Job) -> _Loaded:
-        t0 = time.perf_counter()
-        item = _Loaded(job)
-        try:
-            image = read_image(job.input, max_pixels=options.max_pixels)
-            item.mode = choose_mode(image.height, image.width, options)
-            channels = 3 + (image.alpha is not None)
-            _check_output_size(job, image.height, image.width, channels, image.rgb.itemsize, options.scale)
-            if item.mode == "faces":
-                item.face = prepare_face_crop(image, lr_size)
-            else:
-                item.image = image
-        except ImageReadError as exc:
-            item.error = exc.reason
-        except MemoryError:
-            item.error = "not enough memory to decode"
-        item.seconds = time.perf_counter() - t0
-        return item
-
-    def record(item: _Loaded, status: str, **fields) -> None:
-        results[item.job.input] = ImageResult(
-            str(item.job.input), str(item.job.output), status, mode=item.mode, seconds=round(item.seconds, 4), **fields
-        )
-
-    chunk = max(16, 4 * compute.batch_size)
-    window = max(8, min(chunk, 64))
-    workers = max(2, min(8, os.cpu_count() or 2))
-    progress = make_progress("img", disable=not options.show_progress)
-    pool = ThreadPoolExecutor(max_workers=workers)  # reads ahead, encodes and writes in parallel
-    try:
-        with progress:
-            task = progress.add_task("upscale", total=len(pending))
-            face_queue: list[_Loaded] = []
-
-            def flush_faces() -> None:
-                if not face_queue:
-                    return
-                t0 = time.perf_counter()
-                try:
-                    sr = system.upscale(torch.stack([it.face.lr for it in face_queue]))
-                except Exception as exc:  # noqa: BLE001 - e.g. OOM at batch 1: fail these, keep going
-                    for it in face_queue:
-                        record(it, "failed", reason=f"super-resolution failed ({exc.__class__.__name__}: {exc})")
-                    progress.advance(task, len(face_queue))
-                    face_queue.clear()
-                    return
-                share = (time.perf_counter() - t0) / len(face_queue)
-
-                def finish(pair):
-                    it, face_sr = pair
-                    t1 = time.perf_counter()
-                    rgb, alpha = finish_face_crop(face_sr, it.face, options.scale)
-                    _write(it.job, rgb, alpha, options.quality)
-                    return rgb.shape, time.perf_counter() - t1
-
-                futures = [pool.submit(finish, (it, face_sr)) for it, face_sr in zip(face_queue, sr)]
-                for it, fut in zip(face_queue, futures):
-                    it.seconds += share
-                    try:
-                        shape, write_s = fut.result()
-                    except Exception as exc:  # noqa: BLE001
-                        record(it, "failed", reason=f"cannot write output ({exc})")
-                    else:
-                        it.seconds += write_s
-                        record(
-                            it, "done", width=it.face.width, height=it.face.height, out_width=shape[1],
-                            out_height=shape[0], faces_found=1, faces_sr=1, model=model_name,
-                        )
-                    progress.advance(task)
-                face_queue.clear()
-
-            for item in _prefetch(load, pending, pool, window):
-                if item.error:
-                    record(item, "failed", reason=item.error)
-                    progress.advance(task)
-                    continue
-                if item.mode == "faces":
-                    face_queue.append(item)
-                    if len(face_queue) >= chunk:
-                        flush_faces()
-                    continue
-                image = item.image
-                item.image = None
-                try:
-                    detector_now = get_detector()  # loaded once, before the clock starts
-                    t0 = time.perf_counter()
-                    rgb, alpha, found, sr_count = upscale_photo(image, system, detector_now, options)
-                    _write(item.job, rgb, alpha, options.quality)
-                except MemoryError:
-                    record(item, "failed", reason="out of memory (use a smaller --scale or --tile)")
-                except Exception as exc:  # noqa: BLE001 - one bad photo must not stop the run
-                    reason = str(exc) if isinstance(exc, RuntimeError) and str(exc).startswith("face detector") else (
-                        f"{exc.__class__.__name__}: {exc}"
-                    )
-                    record(item, "failed", reason=reason)
-                else:
-                    item.seconds += time.perf_counter() - t0
-                    record(
-                        item, "done", width=image.width, height=image.height, out_width=rgb.shape[1],
-                        out_height=rgb.shape[0], faces_found=found, faces_sr=sr_count,
-                        model=model_name if sr_count else CLASSICAL,
-                    )
-                progress.advance(task)
-            flush_faces()
-    finally:  # on Ctrl-C / SIGTERM: drop queued reads; writes in flight finish (they are atomic)
-        pool.shutdown(wait=True, cancel_futures=True)
-
-    ordered = [results[job.input] for job in jobs]
+    plan_jobs(src, dst, options)  # path errors before the model loads
+    system = system or load_system(options, compute)
+    plan = plan_run(src, dst, options, system)
+    if plan.pending:
+        record_settings(plan.root, plan.settings)
+    results, processing = run_pending(plan, RunModels(system, compute, detector, face_model), options)
     return UpscaleSummary(
-        results=ordered,
-        model=model_name,
+        results=[results[job.input] for job in plan.jobs],
+        model=system.name,
         device=compute.describe(),
         seconds=time.perf_counter() - started,
+        processing_seconds=processing,
+        output_root=str(plan.root),
         options={k: v for k, v in asdict(options).items() if k != "show_progress"},
     )
-
 
 # ----------------------------------------------------------------------------- report
 
@@ -694,27 +774,31 @@ REPORT_FIELDS = [f.name for f in ImageResult.__dataclass_fields__.values()]
 
 
 def write_report(path: str | os.PathLike, summary: UpscaleSummary) -> None:
-    """Write the per-image results as JSON (with the run's settings) or CSV, by suffix, atomically."""
-    import json
+    """Write the per-image results as JSON (with the run's settings) or CSV, by suffix, atomically.
 
+    Each image lists its detections (``faces``: box, score, size, route sr | classical |
+    rejected, the reason, and the identity drift of SR faces); in CSV as a JSON string."""
     path = Path(path)
     rows = [asdict(r) for r in summary.results]
     if path.suffix.lower() == ".csv":
         buf = io.StringIO()
         writer = csv.DictWriter(buf, fieldnames=REPORT_FIELDS)
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows({**row, "faces": json.dumps(row["faces"])} for row in rows)
         atomic_write_text(path, buf.getvalue())
         return
     payload = {
         "model": summary.model,
         "device": summary.device,
+        "outputs": summary.output_root,
         "seconds": round(summary.seconds, 3),
+        "processing_seconds": round(summary.processing_seconds, 3),
         "done": summary.done,
         "skipped": summary.skipped,
         "failed": summary.failed,
         "faces_found": summary.faces_found,
         "faces_sr": summary.faces_sr,
+        "faces_rejected": summary.faces_rejected,
         "options": summary.options,
         "images": rows,
     }
@@ -722,5 +806,7 @@ def write_report(path: str | os.PathLike, summary: UpscaleSummary) -> None:
 
 
 def throughput(summary: UpscaleSummary) -> float:
-    """Images per second over the run (done images only)."""
-    return summary.done / summary.seconds if summary.seconds > 0 else math.nan
+    """Images per second while processing (done + failed over the progress bar's clock): the
+    rate the progress bar shows. Skipped outputs and model loading are not counted."""
+    processed = summary.done + summary.failed
+    return processed / summary.processing_seconds if summary.processing_seconds > 0 else math.nan

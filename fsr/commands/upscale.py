@@ -19,6 +19,7 @@ from fsr.commands.common import (
     make_compute,
 )
 from fsr.core.io import DEFAULT_MAX_PIXELS
+from fsr.models.face.pipeline import DEFAULT_MAX_DRIFT, DEFAULT_MIN_FACE, DEFAULT_MIN_SCORE
 from fsr.upscale import UpscaleError, UpscaleOptions, UpscaleSummary, throughput, upscale_path, write_report
 
 
@@ -28,45 +29,60 @@ def _terminate_as_interrupt(signum, frame):  # noqa: ARG001
 
 
 def upscale_command(
-    src: Path = typer.Argument(..., metavar="IN", help="An image file, or a folder walked recursively."),
-    dst: Path = typer.Argument(..., metavar="OUT", help="Output folder (the input's structure is mirrored), or an output file for a single input."),
+    src: Path = typer.Argument(..., metavar="IN", help="Image file, or folder (walked recursively)."),
+    dst: Path = typer.Argument(..., metavar="OUT", help="Output folder (mirrors IN), or file for one input."),
     mode: str = typer.Option(
-        "auto", "--mode", help="faces: inputs are face crops | photo: detect and super-resolve faces in whole photos | "
-        "auto: per image, long side <= 160 px and aspect <= 1.25 -> faces, else photo."
+        "auto", "--mode", metavar="MODE",
+        help="faces (crops) | photo (find faces) | auto (<= 160 px, near square: faces).",
     ),
-    model: str = typer.Option("default", "--model", help="default | bicubic | NAME in the weights folders | PATH (.safetensors + .json card, or BasicSR RRDB .pth)."),
-    scale: int = typer.Option(4, "--scale", min=1, max=16, help="Output size factor (photo: whole image; faces: the crop)."),
-    threshold: int = typer.Option(
-        64, "--threshold", "--min-face", min=0,
-        help="Photo mode (paper Fig. 2): only faces whose box is smaller than PX input pixels go through the model; larger ones keep the classical upscale. 0 = every face.",
+    model: str = typer.Option(
+        "default", "--model", metavar="MODEL", help="default | bicubic | NAME in weights/ | PATH (.safetensors, .pth)."
     ),
-    margin: float = typer.Option(0.25, "--margin", help="Photo mode: face crop margin per side, as a fraction of the box side."),
-    detect_min_face: int = typer.Option(20, "--detect-min-face", min=8, help="Photo mode: smallest face (px) the detector looks for."),
+    scale: int = typer.Option(4, "--scale", min=1, max=16, help="Output size factor."),
+    threshold: float | None = typer.Option(
+        None, "--threshold", "--min-face", min=0, metavar="PX", show_default="model's range",
+        help="Faces below PX (box side) get SR; 0 = every face. Default: the model card's range.",
+    ),
+    margin: float = typer.Option(0.25, "--margin", help="Face crop margin per side (fraction of the box)."),
+    detect_min_face: int = typer.Option(
+        DEFAULT_MIN_FACE, "--detect-min-face", min=8, metavar="PX", help="Smallest face (box side) looked for and kept."
+    ),
+    min_score: float = typer.Option(DEFAULT_MIN_SCORE, "--min-score", min=0, max=1, help="Smallest detector score of a real face."),
+    face_check: bool = typer.Option(
+        True, "--face-check/--no-face-check", help="Require plausible landmarks (eyes above mouth, in the box)."
+    ),
+    max_drift: float = typer.Option(
+        DEFAULT_MAX_DRIFT, "--max-drift", min=0,
+        help="Keep the classical face when SR moves its dlib identity further (0 = off).",
+    ),
     detect_max_pixels: int = typer.Option(
-        12_000_000, "--detect-max-pixels", min=100_000,
-        help="Photo mode: bigger photos are shrunk to this many pixels for face detection only (bounds the detector's memory).",
+        12_000_000, "--detect-max-pixels", min=100_000, metavar="N", help="Detect faces on a copy shrunk to N pixels."
     ),
-    out_format: str = typer.Option("same", "--format", help="Output format: same | png | jpg | webp."),
+    out_format: str = typer.Option("same", "--format", metavar="FMT", help="same | png | jpg | webp."),
     suffix: str = typer.Option("", "--suffix", help="Appended to each output file's stem, e.g. _x4."),
     quality: int = typer.Option(95, "--quality", min=1, max=100, help="JPEG/WebP quality."),
     skip_existing: bool = typer.Option(
-        True, "--skip-existing/--overwrite", help="Skip inputs whose output already exists (default), or overwrite them."
+        True, "--skip-existing/--overwrite", help="Skip finished outputs, or re-do them."
     ),
-    report: Path | None = typer.Option(None, "--report", help="Write per-image results to this .json or .csv file."),
-    tile: int = typer.Option(512, "--tile", min=16, help="Tile side (input px) for the classical upscale; bounds the extra memory."),
-    max_pixels: int = typer.Option(DEFAULT_MAX_PIXELS, "--max-pixels", min=1, help="Refuse inputs larger than this many pixels."),
+    report: Path | None = typer.Option(None, "--report", help="Per-image and per-face results (.json or .csv)."),
+    tile: int = typer.Option(512, "--tile", min=16, help="Tile side (input px) of the classical upscale."),
+    max_pixels: int = typer.Option(DEFAULT_MAX_PIXELS, "--max-pixels", min=1, help="Refuse larger inputs (pixels)."),
     device: str = DeviceOpt,
     precision: str = PrecisionOpt,
     batch_size: int = BatchSizeOpt,
     threads: int = ThreadsOpt,
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress bar."),
 ) -> None:
-    """Upscale face crops (faces mode) or whole photos with super-resolved faces (photo mode)."""
+    """Upscale face crops (faces mode) or whole photos with super-resolved faces (photo mode).
+
+    The model runs on every face at the face's own resolution, when the face's size is in
+    the range the model was validated on; other faces keep the classical upscale.
+    """
     if report is not None and report.suffix.lower() not in (".json", ".csv"):
         fail(f"{report}: the report must end in .json or .csv")
     options = UpscaleOptions(
         mode=mode, model=model, scale=scale, threshold=threshold, margin=margin, detect_min_face=detect_min_face,
-        detect_max_pixels=detect_max_pixels,
+        min_score=min_score, check_landmarks=face_check, max_drift=max_drift, detect_max_pixels=detect_max_pixels,
         out_format=out_format.lower().lstrip("."), suffix=suffix, quality=quality, overwrite=not skip_existing,
         max_pixels=max_pixels, tile=tile, show_progress=progress,
     )
@@ -84,8 +100,9 @@ def upscale_command(
     if report is not None:
         write_report(report, summary)
     console.print(_summary_table(summary))
+    console.print(f"outputs: {summary.output_root}", highlight=False, soft_wrap=True)
     if report is not None:
-        console.print(f"report: {report}")
+        console.print(f"report: {report}", highlight=False, soft_wrap=True)
     if not summary.succeeded:
         fail("no image could be upscaled", code=1)
 
@@ -100,7 +117,9 @@ def _summary_table(summary: UpscaleSummary) -> Table:
     modes = summary.modes
     table.add_row("faces mode / photo mode", f"{modes.get('faces', 0)} / {modes.get('photo', 0)}")
     table.add_row("faces found / super-resolved", f"{summary.faces_found} / {summary.faces_sr}")
+    table.add_row("detections rejected (not faces)", str(summary.faces_rejected))
     table.add_row("model", summary.model)
     table.add_row("device", summary.device)
-    table.add_row("time", f"{summary.seconds:.1f} s ({throughput(summary):.2f} img/s)")
+    table.add_row("time", f"{summary.seconds:.1f} s")
+    table.add_row("rate while processing", f"{throughput(summary):.2f} img/s")
     return table
