@@ -10,8 +10,8 @@ and the typed SR model (:mod:`fsr.models.sr`). Modes, chosen per image:
   (antialiased bicubic, in tiles), every face is found with fsr's MTCNN and judged by the
   one selection rule (score, landmark geometry, minimum size); each real face the routing
   rule admits is cut as a square (margin 0.25) with some context, super-resolved at its own
-  resolution and pasted back with a feathered mask. Pixels outside the pasted squares are
-  exactly the classical upscale.
+  resolution and pasted back with a mask feathered over the context band. Pixels outside
+  the pasted windows are exactly the classical upscale.
 * ``auto`` (default): an image whose long side is at most ``auto_face_max_side`` pixels
   (160) and whose aspect ratio is at most 1.25 is taken as a face crop; everything else
   is a photo.
@@ -72,15 +72,15 @@ from fsr.models.face.pipeline import (
     DEFAULT_TILE,
     Face,
     FaceFilter,
+    face_square,
     face_window,
-    feather_mask,
-    feather_ramp,
     find_faces,
     identity_drift,
     paste_face,
     routes_to_sr,
     super_resolve,
     super_resolve_window,
+    window_feather,
     window_landmarks,
 )
 from fsr.models.systems import SRSystem, load_sr_system
@@ -92,7 +92,6 @@ FORMAT_MAX_SIDE = {".webp": 16383, ".jpg": 65535, ".jpeg": 65535}
 CLASSICAL = "classical"
 SETTINGS_FILE = ".fsr-upscale.json"
 DRIFT_FACE_MODEL = "dlib"
-__all__ = ["feather_mask", "feather_ramp", "paste_face"]  # re-exported from the face pipeline
 
 
 class UpscaleError(ValueError):
@@ -110,7 +109,6 @@ class UpscaleOptions:
     max_drift: SR faces whose identity drift exceeds this keep the classical upscale (0 = off).
     tile: side, in input pixels, of the tiles the classical upscale is computed in.
     sr_tile: side, in input pixels, of the tiles the network runs on for large faces.
-    feather: width of the paste-back blend ramp as a fraction of the face square's side.
     detect_max_pixels: bigger photos are shrunk to this many pixels for face detection only.
     """
 
@@ -130,7 +128,6 @@ class UpscaleOptions:
     max_pixels: int = DEFAULT_MAX_PIXELS
     tile: int = 512
     sr_tile: int = DEFAULT_TILE
-    feather: float = 0.12
     detect_max_pixels: int = 12_000_000
     auto_face_max_side: int = 160
     auto_face_max_aspect: float = 1.25
@@ -151,8 +148,6 @@ class UpscaleOptions:
             raise UpscaleError(f"--min-score must be in [0, 1], got {self.min_score}")
         if self.max_drift < 0:
             raise UpscaleError(f"--max-drift must be >= 0, got {self.max_drift}")
-        if not 0.0 <= self.feather < 0.5:
-            raise UpscaleError(f"feather must be in [0, 0.5), got {self.feather}")
         if self.tile < 16 or self.sr_tile < 16:
             raise UpscaleError(f"--tile must be at least 16 pixels, got {min(self.tile, self.sr_tile)}")
         if any(c in self.suffix for c in "/\\"):
@@ -428,8 +423,9 @@ class RunModels:
     :class:`FaceToolError`, so one missing model fails the photos that need it, not the run.
     """
 
-    def __init__(self, system: SRSystem, compute: Compute, detector=None, face_model=None) -> None:
+    def __init__(self, system: SRSystem, compute: Compute, detector=None, face_model=None, max_drift: float = 0.0) -> None:
         self.system = system
+        self.max_drift = max_drift
         self.compute = compute
         self._detector = detector
         self._face_model = face_model
@@ -498,8 +494,9 @@ def upscale_crop(rgb: np.ndarray, models: RunModels, options: UpscaleOptions) ->
 
 
 def face_drift(models: RunModels, sr: torch.Tensor, classical: torch.Tensor, landmarks: torch.Tensor | None) -> list:
-    """Identity drift per face (None for the bicubic system, which cannot drift)."""
-    if models.system.model is None:
+    """Identity drift per face (None for the bicubic system, which cannot drift, and when
+    the drift check is off: ``--max-drift 0``)."""
+    if models.system.model is None or not models.max_drift:
         return [None] * sr.shape[0]
     drift = identity_drift(models.face_model(), sr, classical, landmarks)
     return [round(float(d), 4) for d in drift]
@@ -537,18 +534,23 @@ def admitted_faces(faces: list[Face], records: list[dict], models: RunModels, op
 
 def super_resolve_faces(image: LoadedImage, canvas: np.ndarray, faces: list[Face], chosen: list[int],
                         models: RunModels, options: UpscaleOptions) -> tuple[list[torch.Tensor], list]:
-    """SR squares (3, scale*side, scale*side) of the chosen faces, and their identity drift
-    against the same squares of the classical ``canvas``."""
+    """SR windows (3, scale*S, scale*S) of the chosen faces (square plus context), and the
+    identity drift of each face square against the same square of the classical ``canvas``."""
     scale, srs, drifts = options.scale, [], []
     for k in chosen:
         window = face_window(faces[k], options.margin)
         sr = super_resolve_window(models.system, image.rgb, window, options.sr_tile)
-        out_side = window.side * scale
+        out_side = window.outer[2] * scale
         if sr.shape[-1] != out_side:
             sr = resize_bicubic(sr[None], out_side)[0]
-        classical = to_tensor(np.ascontiguousarray(extract_square(canvas, window.x0 * scale, window.y0 * scale, out_side)))
-        marks = torch.from_numpy(window_landmarks(faces[k], window, out_side))
-        drifts += face_drift(models, sr[None], classical[None], marks[None])
+        if models.max_drift and models.system.model is not None:
+            face_side = window.side * scale
+            classical = extract_square(canvas, window.x0 * scale, window.y0 * scale, face_side)
+            marks = torch.from_numpy(window_landmarks(faces[k], window, face_side))
+            drifts += face_drift(models, face_square(sr, window)[None], to_tensor(np.ascontiguousarray(classical))[None],
+                                 marks[None])
+        else:
+            drifts.append(None)
         srs.append(sr)
     return srs, drifts
 
@@ -569,7 +571,8 @@ def upscale_photo(image: LoadedImage, models: RunModels, options: UpscaleOptions
             records[k]["reason"] = f"identity drift {drift:.3f} > {options.max_drift:g}"
             continue
         window = face_window(faces[k], options.margin)
-        paste_face(canvas, sr, window.x0 * scale, window.y0 * scale, window.side * scale, options.feather)
+        x0, y0, outer = window.outer
+        paste_face(canvas, sr, x0 * scale, y0 * scale, outer * scale, window_feather(window))
         records[k]["route"] = "sr"
     return PhotoFaces(canvas, alpha, records)
 
@@ -756,7 +759,7 @@ def upscale_path(
     plan = plan_run(src, dst, options, system)
     if plan.pending:
         record_settings(plan.root, plan.settings)
-    results, processing = run_pending(plan, RunModels(system, compute, detector, face_model), options)
+    results, processing = run_pending(plan, RunModels(system, compute, detector, face_model, options.max_drift), options)
     return UpscaleSummary(
         results=[results[job.input] for job in plan.jobs],
         model=system.name,

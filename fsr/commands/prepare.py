@@ -19,6 +19,7 @@ from fsr.commands.common import (
     make_compute,
 )
 from fsr.core.io import DEFAULT_MAX_PIXELS
+from fsr.data.selection import SelectionError, select_images
 
 
 def prepare_command(
@@ -52,6 +53,8 @@ def prepare_command(
     threads: int = ThreadsOpt,
     seed: int = SeedOpt,
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+    pairs: Path | None = typer.Option(None, "--pairs", help="Only the images this pairs file names (LFW pairs.txt or CSV)."),
+    limit: int = typer.Option(0, "--limit", min=0, help="Only the first N images in sorted order (0 = all)."),
 ) -> None:
     """Turn folders of face photos into HR/LR face crops plus a manifest (Sec. IV-B of the paper).
 
@@ -68,6 +71,11 @@ def prepare_command(
     for option, value in (("--identities", identities), ("--partition", partition), ("--exclude-identities", exclude_identities)):
         if value is not None and not value.is_file():
             fail(f"{value}: {option} file not found")
+    if pairs is not None or limit:
+        try:
+            sources = select_images([Path(s) for s in sources], pairs, limit)
+        except SelectionError as exc:
+            fail(str(exc))
     compute = make_compute(device, precision, batch_size, threads, seed)
     config = PrepareConfig(
         identities_file=identities,

@@ -26,7 +26,7 @@ def _parse_alphas(text: str) -> list[float]:
 
 
 def verify_sweep_command(
-    data: Path = typer.Option(..., "--data", help="Prepared set holding the pair images' faces (fsr prepare output, e.g. of LFW)."),
+    data: Path | None = typer.Option(None, "--data", help="Prepared faces of the pair images (fsr prepare output)."),
     pairs: Path = typer.Option(..., "--pairs", help="LFW pairs.txt (10 folds x 300 same + 300 different) or a CSV a,b,same[,fold]."),
     system: list[str] = typer.Option(["bicubic"], "--system", help="SR system: bicubic | default | NAME | PATH (.safetensors + .json card, or BasicSR .pth). Repeat for several."),
     alphas: str = typer.Option("0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1.0", "--alphas", help=ALPHA_HELP),
@@ -55,6 +55,9 @@ def verify_sweep_command(
     from fsr.evaluate.sweep import SweepError, alpha_table, paired_table, run_sweep, sweep_table, write_sweep
     from fsr.evaluate.verification import PairsError
 
+    if data is None or not data.is_dir():
+        fail(f"{'--data is missing' if data is None else f'{data}: no such folder'}; make it with: "
+             f"fsr prepare --pairs {pairs} --split test LFW_DIR data/lfw (LFW: lfw-deepfunneled)")
     if score not in ("auto", "distance", "cosine"):
         fail(f"--score {score!r}: expected auto | distance | cosine")
     compute = make_compute(device, precision, batch_size, threads)
@@ -91,7 +94,10 @@ def verify_command(
     photo_a: Path = typer.Argument(..., help="First photo."),
     photo_b: Path = typer.Argument(..., help="Second photo."),
     system: str = typer.Option("default", "--system", help="SR system for small faces: default | bicubic | NAME | PATH."),
-    threshold: float = typer.Option(32.0, "--threshold", min=0, help="Faces whose detector box side is below this many pixels are super-resolved (crop -> 32x32 -> SR -> 128x128); larger faces are embedded directly."),
+    threshold: float | None = typer.Option(
+        None, "--threshold", min=0, metavar="PX", show_default="model's range",
+        help="Faces below PX (box side) get SR; 0 = every face. Default: the model card's range.",
+    ),
     model: str = typer.Option("dlib", "--model", help="Face model: dlib | sphereface | lightcnn."),
     weights: str | None = typer.Option(None, "--weights", help="Face model weights file (for sphereface / lightcnn)."),
     decision_threshold: float | None = typer.Option(None, "--decision-threshold", help="Same-person threshold. Defaults: dlib distance < 0.6; sphereface cosine > 0.3; lightcnn cosine > 0.35."),
@@ -116,7 +122,7 @@ def verify_command(
         table.add_column(col, no_wrap=col == "route")
     for f in (v.a, v.b):
         table.add_row(Path(f.path).name, str(f.n_faces), f"{f.side:.0f}", f"{f.score:.3f}",
-                      f"SR {v.system} 32->128" if f.super_resolved else "direct, no SR")
+                      f"SR {v.system} x4, own size" if f.super_resolved else "direct, no SR")
     console.print(table)
     rule = f"< {v.threshold:g}" if v.score_name == "distance" else f"> {v.threshold:g}"
     extra = f", centred cosine {v.cosine:.4f}" if v.score_name == "distance" else ""

@@ -1,9 +1,11 @@
 """Verify two photos with SR for small faces: the framework of Fig. 2.
 
-photo -> MTCNN (most confident face) -> face box side < ``sr_threshold`` px ?
-  yes: square crop (``square_box``, margin 0.25) resampled to 32x32 -> SR system -> 128x128 face
-  no : square crop kept at its own resolution (at most 512 px) -> no SR ("SR models cannot
-       add information to high-resolution faces", Sec. III)
+photo -> MTCNN -> the most confident real face (the face pipeline's one selection rule) ->
+routing (:func:`fsr.models.face.pipeline.routes_to_sr`: by default the SR model's validated
+LR face-size range; ``sr_threshold`` PX: faces below PX, the paper's rule)
+  SR : the face square (margin 0.25) at the photo's own resolution -> SR system x4
+  no : the face square kept at its own resolution (at most 512 px) -> no SR ("SR models
+       cannot add information to high-resolution faces", Sec. III)
 -> face model embedding (aligned with the detected 5 landmarks) -> similarity and decision.
 
 Decision: dlib is "same" when the Euclidean distance of raw descriptors < threshold (0.6 by
@@ -21,9 +23,20 @@ import torch
 
 from fsr.core.device import Compute
 from fsr.core.io import ImageReadError, read_image
+from fsr.detect.crop import crop_square, points_to_crop
+from fsr.detect.mtcnn import MTCNN
 from fsr.evaluate.identity import DEFAULT_THRESHOLDS, FaceEmbedder, load_face_model
+from fsr.models.face.pipeline import (
+    FaceFilter,
+    face_square,
+    face_window,
+    find_faces,
+    main_face,
+    routes_to_sr,
+    super_resolve_window,
+)
+from fsr.models.systems import SRSystem, load_sr_system
 
-LR_SIZE = 32
 MAX_DIRECT_SIZE = 512
 
 
@@ -59,40 +72,32 @@ class PairVerdict:
     system: str
 
 
-def extract_face(path: str | Path, detector, system, sr_threshold: float, margin: float = 0.25) -> PhotoFace:
-    """Detect the most confident face in a photo and make the face the recogniser sees.
-
-    ``system``: a callable returning the SR system (loaded only when a face needs SR)."""
-    from fsr.detect.crop import crop_square, points_to_crop, square_box
-
+def extract_face(path: str | Path, detector, system: SRSystem, sr_threshold: float | None = None,
+                 margin: float = 0.25, rule: FaceFilter = FaceFilter()) -> PhotoFace:
+    """Find the photo's most confident real face and make the face the recogniser sees."""
     try:
-        rgb = np.array(read_image(path).rgb_uint8())
+        image = read_image(path)
     except ImageReadError as exc:
         raise PairVerifyError(str(exc)) from None
-    detections = detector.detect([rgb])[0]
-    if len(detections) == 0:
-        raise PairVerifyError(f"{path}: no face found")
-    box = np.asarray(detections.boxes[0], dtype=np.float64)
-    landmarks = np.asarray(detections.landmarks[0], dtype=np.float64)
-    side_px = float(max(box[2] - box[0], box[3] - box[1]))
-    x0, y0, side = square_box(box, margin=margin)
-    small = side_px < sr_threshold
-    size = LR_SIZE if small else int(min(MAX_DIRECT_SIZE, max(LR_SIZE, round(side))))
-    crop = crop_square(rgb, x0, y0, side, size)
-    face = torch.from_numpy(np.array(crop)).permute(2, 0, 1).float() / 255.0
+    rgb = np.array(image.rgb_uint8())
+    faces = find_faces(detector, rgb, rule)
+    face = main_face(faces)
+    if face is None:
+        reasons = "; ".join(sorted({f.rejected for f in faces}))
+        raise PairVerifyError(f"{path}: no face found" + (f" (rejected: {reasons})" if reasons else ""))
+    lr_range = None if system.card is None else system.card.lr_face_range
+    window = face_window(face, margin)
+    small = routes_to_sr(face.side, lr_range, sr_threshold)
     if small:
-        face = system().upscale(face[None])[0]
-    out_size = face.shape[-1]
-    lm = points_to_crop(landmarks, x0, y0, side, out_size)
+        pixels = face_square(super_resolve_window(system, image.rgb, window), window)
+    else:
+        size = int(min(MAX_DIRECT_SIZE, window.side))
+        pixels = torch.from_numpy(np.array(crop_square(rgb, window.x0, window.y0, window.side, size))).permute(2, 0, 1) / 255.0
+    landmarks = points_to_crop(face.landmarks, window.x0, window.y0, window.side, pixels.shape[-1])
     return PhotoFace(
-        path=str(path),
-        box=tuple(float(v) for v in box),
-        score=float(detections.scores[0]),
-        side=side_px,
-        super_resolved=small,
-        face=face.clamp(0, 1),
-        landmarks=torch.from_numpy(lm.astype(np.float32)),
-        n_faces=len(detections),
+        path=str(path), box=tuple(float(v) for v in face.box), score=face.score, side=face.side,
+        super_resolved=small, face=pixels.float().clamp(0, 1),
+        landmarks=torch.from_numpy(landmarks.astype(np.float32)), n_faces=sum(not f.rejected for f in faces),
     )
 
 
@@ -103,22 +108,13 @@ def verify_photos(
     system: str = "default",
     face_model: str = "dlib",
     face_weights: str | None = None,
-    sr_threshold: float = 32.0,
+    sr_threshold: float | None = None,
     decision_threshold: float | None = None,
 ) -> PairVerdict:
     """Fig. 2: are the main faces of two photos the same person? See the module docstring."""
-    from fsr.detect.mtcnn import MTCNN
-    from fsr.models.systems import load_sr_system
-
     detector = MTCNN.load(compute)
     embedder = FaceEmbedder(load_face_model(face_model, face_weights, compute), compute)
-    loaded: dict = {}
-
-    def sr_system():
-        if "system" not in loaded:
-            loaded["system"] = load_sr_system(system, compute)
-        return loaded["system"]
-
+    sr_system = load_sr_system(system, compute)
     faces = [extract_face(p, detector, sr_system, sr_threshold) for p in (path_a, path_b)]
     emb = [embedder.embed(f.face[None], f.landmarks[None]) for f in faces]
     scores = embedder.compare(emb[0], emb[1])
@@ -126,5 +122,5 @@ def verify_photos(
     value = float(scores[score_name][0])
     threshold = float(decision_threshold if decision_threshold is not None else DEFAULT_THRESHOLDS[face_model])
     same = value < threshold if score_name == "distance" else value > threshold
-    name = loaded["system"].name if "system" in loaded else system
-    return PairVerdict(faces[0], faces[1], face_model, score_name, value, float(scores["cosine"][0]), threshold, same, name)
+    return PairVerdict(faces[0], faces[1], face_model, score_name, value, float(scores["cosine"][0]), threshold, same,
+                       sr_system.name)

@@ -260,10 +260,21 @@ def super_resolve(system, image: torch.Tensor, tile: int = DEFAULT_TILE, halo: i
 
 
 def super_resolve_window(system, rgb: np.ndarray, window: FaceWindow, tile: int = DEFAULT_TILE) -> torch.Tensor:
-    """(3, s*side, s*side) SR face square (context cut off) from a photo at its own resolution."""
-    sr = super_resolve(system, window_pixels(rgb, window), tile)
-    cut = window.context * system.scale
-    return sr[:, cut : cut + window.side * system.scale, cut : cut + window.side * system.scale]
+    """(3, s*S, s*S) SR of the whole window (face square plus context), S = ``window.outer[2]``,
+    from a photo at its own resolution."""
+    return super_resolve(system, window_pixels(rgb, window), tile)
+
+
+def face_square(sr_window: torch.Tensor, window: FaceWindow) -> torch.Tensor:
+    """The face square (3, k*side, k*side) cut from a window's SR (3, k*S, k*S), context removed."""
+    k = sr_window.shape[-1] / window.outer[2]
+    cut, side = round(window.context * k), round(window.side * k)
+    return sr_window[:, cut : cut + side, cut : cut + side]
+
+
+def window_feather(window: FaceWindow) -> float:
+    """Paste-back ramp for a window: over its context band only, so the face square itself is pure SR."""
+    return window.context / window.outer[2]
 
 
 def feather_ramp(side: int, feather: float = 0.12) -> np.ndarray:
