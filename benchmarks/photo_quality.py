@@ -23,20 +23,22 @@ from __future__ import annotations
 import argparse
 import json
 from dataclasses import replace
+from datetime import date
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from fsr.core.device import Compute
-from fsr.core.io import read_image, to_tensor, to_uint8
-from fsr.core.io import LoadedImage
+from fsr.core.io import LoadedImage, read_image, to_tensor, to_uint8
+from fsr.core.weights import find_weights
 from fsr.data.degrade import resize_bicubic
 from fsr.detect.crop import extract_square, points_to_crop, square_box
 from fsr.detect.mtcnn import MTCNN
 from fsr.models.face import create_face_model
 from fsr.models.face.pipeline import FaceFilter, find_faces
-from fsr.models.systems import load_sr_system
+from fsr.models.sr import update_card
+from fsr.models.systems import DEFAULT_MODEL_NAME, load_sr_system
 from fsr.upscale import RunModels, UpscaleOptions, classical_upscale, upscale_crop, upscale_photo
 
 REPO = Path(__file__).resolve().parents[1]
@@ -110,6 +112,21 @@ def bucket_table(rows: list[dict]) -> list[dict]:
     return table
 
 
+def measured_range(table: list[dict], min_faces: int = 2) -> tuple[float, float] | None:
+    """The LR face sizes where SR was measured at or above bicubic: the run of buckets from the
+    smallest one with at least ``min_faces`` faces and gain >= 0, up to the first that is not."""
+    run = []
+    for row in table:
+        if row["bucket"] == "all":
+            continue
+        low, high = (float(v) for v in row["bucket"].split("-"))
+        if row["faces"] >= min_faces and row["gain_db"] >= 0:
+            run.append((low, high))
+        elif run:
+            break
+    return (run[0][0], run[-1][1]) if run else None
+
+
 def crop_sizes(paths: list[Path], models: RunModels, options: UpscaleOptions, detector) -> list[dict]:
     """Faces mode on crops of 24/32/48/64 px made by bicubic /4 from larger face squares."""
     rows = []
@@ -169,7 +186,7 @@ def drift_rates(rows: list[dict], identities: dict[str, str], models: RunModels,
     genuine = np.diag(dist)
     other = np.array([[owners[i] != owners[j] for j in range(len(owners))] for i in range(len(owners))])
     impostor = dist[other]
-    return {"faces": len(owners), "genuine": genuine.tolist(), "impostor_min": float(impostor.min()),
+    return {"faces": len(owners), "genuine": genuine.tolist(), "impostor": impostor.tolist(),
             "genuine_quantiles": {q: float(np.quantile(genuine, q)) for q in (0.5, 0.9, 0.99, 1.0)},
             "impostor_quantiles": {q: float(np.quantile(impostor, q)) for q in (0.0, 0.01, 0.1, 0.5)}}
 
@@ -181,6 +198,9 @@ def main() -> None:
     parser.add_argument("--threshold", type=float, default=None, help="routing: default = the card's range; 0 = all faces")
     parser.add_argument("--max-drift", type=float, default=None, help="default: fsr upscale's default")
     parser.add_argument("--drift-faces", type=int, default=40, help="held-out CelebA faces for the drift calibration")
+    parser.add_argument("--skip-crops", action="store_true", help="only the whole-photo table")
+    parser.add_argument("--write-card", action="store_true",
+                        help="store the measured range as lr_face_range in the model's card (run with --threshold 0)")
     parser.add_argument("--data", type=Path, default=DATA)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
@@ -197,20 +217,33 @@ def main() -> None:
     print("| LR face px | faces | through model | SR dB | bicubic dB | gain dB |\n|---|---|---|---|---|---|")
     for r in photos:
         print(f"| {r['bucket']} | {r['faces']} | {r['sr_through_model']} | {r['psnr_sr']:.2f} | {r['psnr_bicubic']:.2f} | {r['gain_db']:+.2f} |")
-    crops = crop_sizes([p for s, _, p in sources if s != "lfw"], models, options, detector)
-    print("\n| crop px | faces | SR dB | bicubic dB | gain dB |\n|---|---|---|---|---|")
-    for r in crops:
-        print(f"| {r['crop']} | {r['faces']} | {r['psnr_sr']:.2f} | {r['psnr_bicubic']:.2f} | {r['gain_db']:+.2f} |")
-    sharp = sharp_crop(args.data / "wild" / "img1.jpg", models, options, detector)
-    print(f"\nsharp 128 px crop, x4 and back: {sharp:.2f} dB")
-    held = held_out_celeba(args.data / "celeba_train")
-    faces = {p: d.name for d in held for p in sorted(d.glob("*.jpg"))[:2]}
-    faces = dict(list(faces.items())[: args.drift_faces])
-    drift = drift_rates(rows, faces, models, detector, options)
-    limit = options.max_drift
-    print(f"\ndrift on {drift['faces']} held-out CelebA faces: genuine quantiles {drift['genuine_quantiles']}, "
-          f"impostor quantiles {drift['impostor_quantiles']}; genuine above {limit:g}: "
-          f"{np.mean(np.array(drift['genuine']) > limit):.1%}")
+    found = measured_range(photos)
+    print(f"\nmeasured range (LR face box side, px): {found}")
+    if args.write_card and found is not None:
+        weights = find_weights(f"{DEFAULT_MODEL_NAME if args.model == 'default' else args.model}.safetensors")
+        update_card(weights, lr_face_range=found, lr_face_range_measurement={
+            "what": "LR face sizes (detector box side, px) where SR beat bicubic on face regions of x4-downscaled photos",
+            "command": f"python benchmarks/photo_quality.py --model {args.model} --per-source {args.per_source} "
+                       "--threshold 0 --max-drift 0 --drift-faces 0 --skip-crops --write-card",
+            "buckets": photos, "date": date.today().isoformat()})
+        print(f"wrote lr_face_range {found} to {weights.with_suffix('.json')}")
+    crops, sharp, drift = [], None, None
+    if not args.skip_crops:
+        crops = crop_sizes([p for s, _, p in sources if s != "lfw"], models, options, detector)
+        print("\n| crop px | faces | SR dB | bicubic dB | gain dB |\n|---|---|---|---|---|")
+        for r in crops:
+            print(f"| {r['crop']} | {r['faces']} | {r['psnr_sr']:.2f} | {r['psnr_bicubic']:.2f} | {r['gain_db']:+.2f} |")
+        sharp = sharp_crop(args.data / "wild" / "img1.jpg", models, options, detector)
+        print(f"\nsharp 128 px crop, x4 and back: {sharp:.2f} dB")
+    if args.drift_faces:
+        held = held_out_celeba(args.data / "celeba_train")
+        faces = {p: d.name for d in held for p in sorted(d.glob("*.jpg"))[:2]}
+        drift = drift_rates(rows, dict(list(faces.items())[: args.drift_faces]), models, detector, options)
+        limit = options.max_drift
+        print(f"\ndrift on {drift['faces']} held-out CelebA faces: genuine quantiles {drift['genuine_quantiles']}, "
+              f"impostor quantiles {drift['impostor_quantiles']}; genuine above {limit:g}: "
+              f"{np.mean(np.array(drift['genuine']) > limit):.1%}, impostors above: "
+              f"{np.mean(np.array(drift['impostor']) > limit):.1%}")
     if args.json:
         args.json.write_text(json.dumps({"options": vars(args) | {"data": str(args.data), "json": str(args.json)},
                                          "photos": photos, "faces": rows, "crops": crops, "sharp_128_db": sharp,

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from fsr.core.io import atomic_write_text
 from fsr.core.weights import (
     WeightsError,
     load_safetensors,
@@ -121,6 +122,21 @@ def read_card(weights_path: str | Path) -> ModelCard:
         raise WeightsError(f"{card_path}: {exc}") from None
 
 
+def update_card(weights_path: str | Path, **changes: Any) -> ModelCard:
+    """Set fields of the card beside an fsr export (e.g. a measured ``lr_face_range``) in place.
+
+    The card keeps its key order and indentation (new keys go last); written atomically.
+    """
+    card_path = card_path_for(weights_path)
+    text = card_path.read_text()
+    data = json.loads(text)
+    merged = {**data, **{k: list(v) if isinstance(v, tuple) else v for k, v in changes.items()}}
+    card = ModelCard.from_dict(merged, name=Path(weights_path).stem)
+    indent = 1 if text.startswith('{\n "') else 2
+    atomic_write_text(card_path, json.dumps(merged, indent=indent, ensure_ascii=False) + "\n")
+    return card
+
+
 def _basicsr_state(path: Path) -> dict[str, torch.Tensor]:
     """The RRDBNet state dict inside a BasicSR checkpoint (``params_ema`` / ``params`` / plain)."""
     ckpt = load_torch_checkpoint(path)
@@ -143,6 +159,8 @@ def load_sr_model(path: str | Path) -> tuple[nn.Module, ModelCard]:
         state = load_safetensors(path)
         if not card.arch_args and card.architecture == "rrdb":
             card = card.with_changes(arch_args=rrdb_args_from_state_dict(state))
+        if not card.sha256:  # a hand-written card: the checksum identifies the weights in records
+            card = card.with_changes(sha256=sha256_file(path))
     elif path.suffix in (".pth", ".pt"):
         state = _basicsr_state(path)
         card = ModelCard("rrdb", rrdb_args_from_state_dict(state), scale=4, name=path.stem,
