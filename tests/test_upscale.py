@@ -414,9 +414,9 @@ def test_faces_outside_the_cards_range_keep_the_classical_upscale(tmp_path, tiny
     model.write_bytes(tiny_model.read_bytes())
     card = json.loads(tiny_model.with_suffix(".json").read_text())
     model.with_suffix(".json").write_text(json.dumps({**card, "lr_face_range": [16, 60]}))
-    image = read_image(WILD_DIR / "img38.jpg").rgb  # real faces of about 100 and 35 px
+    image = read_image(REPO / "examples" / "photos" / "img54.jpg").rgb  # real faces of about 134, 27 and 26 px
     Image.fromarray(image).save(tmp_path / "photo.png")
-    summary = upscale_path(tmp_path / "photo.png", tmp_path / "out.png", options(model=str(model), scale=1, min_score=0.5),
+    summary = upscale_path(tmp_path / "photo.png", tmp_path / "out.png", options(model=str(model), scale=1),
                            compute, detector=MTCNN.load(compute))
     faces = summary.results[0].faces
     big = [f for f in faces if f["route"] != "rejected" and f["side"] > 60]
@@ -580,16 +580,17 @@ def test_drift_flags_another_persons_face_and_spares_the_models_own_faces(tmp_pa
         h = rgb.shape[0]
         square = to_tensor(np.ascontiguousarray(rgb[h // 4 : 3 * h // 4, h // 4 : 3 * h // 4]))[None]
         crops.append(to_uint8(resize_bicubic(square, 32)[0].clamp(0, 1)))
+    (tmp_path / "in").mkdir()
     for i, crop in enumerate(crops):
-        Image.fromarray(crop).save(tmp_path / f"face{i}.png")
-    own = upscale_path(tmp_path, tmp_path / "own", options(max_drift=DEFAULT_MAX_DRIFT, mode="faces"), compute,
+        Image.fromarray(crop).save(tmp_path / "in" / f"face{i}.png")
+    own = upscale_path(tmp_path / "in", tmp_path / "own", options(max_drift=DEFAULT_MAX_DRIFT, mode="faces"), compute,
                        system=system)
     own_drift = [r.faces[0]["drift"] for r in own.results]
     assert all(d is not None and 0 <= d for d in own_drift)
     assert np.mean(np.array(own_drift) > DEFAULT_MAX_DRIFT) <= 1 / 6, own_drift
     for i in range(len(crops)):
         swap = _OtherPerson(system, crops[(i + 3) % len(crops)])
-        result = upscale_path(tmp_path / f"face{i}.png", tmp_path / f"swap{i}.png",
+        result = upscale_path(tmp_path / "in" / f"face{i}.png", tmp_path / f"swap{i}.png",
                               options(max_drift=DEFAULT_MAX_DRIFT), compute, system=swap).results[0]
         face = result.faces[0]
         assert face["drift"] > DEFAULT_MAX_DRIFT and face["route"] == "classical" and "drift" in face["reason"], face
