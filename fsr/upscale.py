@@ -468,36 +468,60 @@ def crop_face_side(height: int, width: int, margin: float) -> float:
 
 
 def upscale_crop(rgb: np.ndarray, models: RunModels, options: UpscaleOptions) -> tuple[np.ndarray, dict]:
-    """A face crop (H, W, 3) at its own size -> (scale*H, scale*W, 3) of the same dtype, and its face record.
+    """One face crop (H, W, 3) -> (scale*H, scale*W, 3) of the same dtype and its face record
+    (:func:`upscale_crops` on one crop)."""
+    return upscale_crops([rgb], models, options)[0]
 
-    In the model's range (:func:`routes_to_sr` on the estimated face size) the network runs at
-    the crop's own resolution; elsewhere, or when the identity drift exceeds ``max_drift``,
-    the classical upscale is kept.
+
+def upscale_crops(crops: list[np.ndarray], models: RunModels, options: UpscaleOptions) -> list[tuple[np.ndarray, dict]]:
+    """Face crops at their own size -> their upscales (``scale`` x, same dtype) and face records.
+
+    A crop whose estimated face size the routing admits (:func:`routes_to_sr`) goes through
+    the network at its own resolution, crops of one size together in one batch; the others,
+    and those whose identity drift exceeds ``max_drift``, keep the classical upscale.
     """
-    height, width = rgb.shape[:2]
-    side = crop_face_side(height, width, options.margin)
-    record = {"box": [0, 0, width, height], "side": round(side, 1), "route": CLASSICAL, "reason": "", "drift": None}
-    classical = classical_upscale(rgb, options.scale, options.tile)
-    if not routes_to_sr(side, models.lr_face_range, options.threshold):
-        record["reason"] = "outside the model's face-size range"
-        return classical, record
-    sr = super_resolve(models.system, to_tensor(rgb), options.sr_tile)
+    out: list = [None] * len(crops)
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for k, rgb in enumerate(crops):
+        height, width = rgb.shape[:2]
+        side = crop_face_side(height, width, options.margin)
+        record = {"box": [0, 0, width, height], "side": round(side, 1), "route": CLASSICAL, "reason": "", "drift": None}
+        out[k] = (classical_upscale(rgb, options.scale, options.tile), record)
+        if routes_to_sr(side, models.lr_face_range, options.threshold):
+            groups.setdefault(rgb.shape, []).append(k)
+        else:
+            record["reason"] = "outside the model's face-size range"
+    for members in groups.values():
+        sr = crops_through_model([crops[k] for k in members], models, options)
+        drifts = face_drift(models, sr, torch.stack([to_tensor(out[k][0]) for k in members]), None)
+        for k, face, drift in zip(members, sr, drifts):
+            classical, record = out[k]
+            record["drift"] = drift
+            if drift is not None and drift > options.max_drift:
+                record["reason"] = f"identity drift {drift:.3f} > {options.max_drift:g}"
+                continue
+            record["route"] = "sr"
+            out[k] = (_quantize(face.contiguous(), crops[k].dtype), record)
+    return out
+
+
+def crops_through_model(crops: list[np.ndarray], models: RunModels, options: UpscaleOptions) -> torch.Tensor:
+    """(N, 3, scale*H, scale*W) SR of N crops of one size: one batch, or tiles when large."""
+    height, width = crops[0].shape[:2]
+    if max(height, width) > options.sr_tile:
+        sr = torch.stack([super_resolve(models.system, to_tensor(c), options.sr_tile) for c in crops])
+    else:
+        sr = models.system.upscale(torch.stack([to_tensor(c) for c in crops]))
     if models.system.scale != options.scale:
-        sr = resize_bicubic(sr[None], (height * options.scale, width * options.scale))[0]
-    drift = face_drift(models, sr[None], to_tensor(classical)[None], None)
-    record["drift"] = drift[0]
-    if drift[0] is not None and options.max_drift and drift[0] > options.max_drift:
-        record["reason"] = f"identity drift {drift[0]:.3f} > {options.max_drift:g}"
-        return classical, record
-    record["route"] = "sr"
-    return _quantize(sr.contiguous(), rgb.dtype), record
+        sr = resize_bicubic(sr, (height * options.scale, width * options.scale))
+    return sr
 
 
 def face_drift(models: RunModels, sr: torch.Tensor, classical: torch.Tensor, landmarks: torch.Tensor | None) -> list:
     """Identity drift per face (None for the bicubic system, which cannot drift, and when
     the drift check is off: ``--max-drift 0``)."""
     if models.system.model is None or not models.max_drift:
-        return [None] * sr.shape[0]
+        return [None] * sr.shape[0]  # `drift > max_drift` is then never asked
     drift = identity_drift(models.face_model(), sr, classical, landmarks)
     return [round(float(d), 4) for d in drift]
 
@@ -668,28 +692,50 @@ def load_job(job: Job, options: UpscaleOptions) -> _Loaded:
     return item
 
 
-def run_job(item: _Loaded, models: RunModels, options: UpscaleOptions) -> ImageResult:
-    """Upscale and write one loaded input; every failure becomes a ``failed`` result."""
-    image, job = item.image, item.job
+def run_photo_job(item: _Loaded, models: RunModels, options: UpscaleOptions) -> ImageResult:
+    """Upscale and write one photo; every failure becomes a ``failed`` result."""
+    image = item.image
     item.image = None
     t0 = time.perf_counter()
     try:
-        if item.mode == "faces":
-            rgb, record = upscale_crop(image.rgb, models, options)
-            faces = [record]
-            alpha = None if image.alpha is None else classical_upscale(image.alpha, options.scale, options.tile)
-        else:
-            photo = upscale_photo(image, models, options)
-            rgb, alpha, faces = photo.rgb, photo.alpha, photo.faces
-        _write(job, rgb, alpha, options.quality)
-    except MemoryError:
-        return _result(item, "failed", reason="out of memory (use a smaller --scale or --tile)")
-    except FaceToolError as exc:
-        return _result(item, "failed", reason=str(exc))
+        photo = upscale_photo(image, models, options)
+        _write(item.job, photo.rgb, photo.alpha, options.quality)
     except Exception as exc:  # noqa: BLE001 - one bad image must not stop the run
-        return _result(item, "failed", reason=f"{exc.__class__.__name__}: {exc}")
+        return _result(item, "failed", reason=_failure_reason(exc))
     item.seconds += time.perf_counter() - t0
-    return _result(item, "done", image=image, rgb=rgb, faces=faces, model=models.system.name)
+    return _result(item, "done", image=image, rgb=photo.rgb, faces=photo.faces, model=models.system.name)
+
+
+def run_crop_jobs(items: list[_Loaded], models: RunModels, options: UpscaleOptions) -> list[ImageResult]:
+    """Upscale (batched by size) and write face crops; failures become ``failed`` results."""
+    t0 = time.perf_counter()
+    try:
+        outputs = upscale_crops([item.image.rgb for item in items], models, options)
+    except Exception as exc:  # noqa: BLE001 - e.g. out of memory at batch 1: fail these, keep going
+        return [_result(item, "failed", reason=_failure_reason(exc)) for item in items]
+    share = (time.perf_counter() - t0) / len(items)
+    results = []
+    for item, (rgb, record) in zip(items, outputs):
+        image, t1 = item.image, time.perf_counter()
+        item.image = None
+        try:
+            alpha = None if image.alpha is None else classical_upscale(image.alpha, options.scale, options.tile)
+            _write(item.job, rgb, alpha, options.quality)
+        except Exception as exc:  # noqa: BLE001
+            results.append(_result(item, "failed", reason=f"cannot write output ({exc})"))
+            continue
+        item.seconds += share + time.perf_counter() - t1
+        results.append(_result(item, "done", image=image, rgb=rgb, faces=[record], model=models.system.name))
+    return results
+
+
+def _failure_reason(exc: Exception) -> str:
+    """One line for a failed image, by the exception's type."""
+    if isinstance(exc, MemoryError):
+        return "out of memory (use a smaller --scale or --tile)"
+    if isinstance(exc, FaceToolError):
+        return str(exc)
+    return f"{exc.__class__.__name__}: {exc}"
 
 
 def _result(item: _Loaded, status: str, *, reason: str = "", image: LoadedImage | None = None,
@@ -707,22 +753,33 @@ def _result(item: _Loaded, status: str, *, reason: str = "", image: LoadedImage 
 
 
 def run_pending(plan: RunPlan, models: RunModels, options: UpscaleOptions) -> tuple[dict[Path, ImageResult], float]:
-    """Load ahead in a thread pool, upscale and write each pending job in order.
+    """Load ahead in a thread pool; upscale and write each photo, and face crops in batches.
 
     Returns the results and the seconds spent (the progress bar's clock)."""
     results = dict(plan.known)
+    chunk = max(16, 4 * models.compute.batch_size)
     workers = max(2, min(8, os.cpu_count() or 2))
     progress = make_progress("img", disable=not options.show_progress)
     pool = ThreadPoolExecutor(max_workers=workers)  # reads ahead while the model runs
     started = time.perf_counter()
+    crops: list[_Loaded] = []
     try:
         with progress:
             task = progress.add_task("upscale", total=len(plan.pending))
-            for item in _prefetch(lambda job: load_job(job, options), plan.pending, pool, window=8):
-                results[item.job.input] = (
-                    _result(item, "failed", reason=item.error) if item.error else run_job(item, models, options)
-                )
-                progress.advance(task)
+            for item in _prefetch(lambda job: load_job(job, options), plan.pending, pool, window=max(8, min(chunk, 64))):
+                if item.error:
+                    done = [_result(item, "failed", reason=item.error)]
+                elif item.mode == "faces":
+                    crops.append(item)
+                    done, crops = (run_crop_jobs(crops, models, options), []) if len(crops) >= chunk else ([], crops)
+                else:
+                    done = [run_photo_job(item, models, options)]
+                results.update((Path(r.input), r) for r in done)
+                progress.advance(task, len(done))
+            if crops:
+                done = run_crop_jobs(crops, models, options)
+                results.update((Path(r.input), r) for r in done)
+                progress.advance(task, len(done))
     finally:  # on Ctrl-C / SIGTERM: drop queued reads; writes in flight finish (they are atomic)
         pool.shutdown(wait=True, cancel_futures=True)
     return results, time.perf_counter() - started

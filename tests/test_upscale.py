@@ -291,12 +291,12 @@ def test_bad_inputs_reported_and_skipped_and_rerun_skips(tmp_path, tiny_model):
     assert rows["huge.png"]["status"] == "failed" and "exceeds" in rows["huge.png"]["reason"]
     assert rows["good0.png"]["status"] == "done" and rows["good0.png"]["mode"] == "faces"
     assert rows["good0.png"]["model"] == "rrdb_tiny" and rows["good0.png"]["seconds"] > 0
-    assert sorted(p.name for p in out.iterdir()) == ["good0.png", "good1.png"]
-    mtimes = {p: p.stat().st_mtime_ns for p in out.iterdir()}
+    assert sorted(p.name for p in out.iterdir()) == [".fsr-upscale.json", "good0.png", "good1.png"]
+    mtimes = {p: p.stat().st_mtime_ns for p in out.glob("*.png")}
 
     second = run_cli(str(src), str(out), "--model", str(tiny_model), "--report", str(tmp_path / "again.csv"))
     assert second.returncode == 0, second.stderr
-    assert {p: p.stat().st_mtime_ns for p in out.iterdir()} == mtimes
+    assert {p: p.stat().st_mtime_ns for p in out.glob("*.png")} == mtimes
     csv_text = (tmp_path / "again.csv").read_text()
     assert csv_text.count(",skipped,") == 2 and csv_text.count(",failed,") == 4
 
@@ -385,7 +385,8 @@ def test_interrupted_run_leaves_no_partial_output_and_resumes(tmp_path):
     rows = json.loads((tmp_path / "r.json").read_text())["images"]
     assert sum(r["status"] == "skipped" for r in rows) == len(written)
     assert sum(r["status"] == "done" for r in rows) == len(faces) - len(written)
-    assert sorted(p.name for p in out.iterdir()) == sorted(p.with_suffix(".png").name for p in faces)  # no temp files
+    names = sorted(p.name for p in out.iterdir() if p.name != ".fsr-upscale.json")
+    assert names == sorted(p.with_suffix(".png").name for p in faces)  # no temp files
 
 
 # ----------------------------------------------------------------------------- model card and routing
