@@ -92,7 +92,8 @@ def chunked(items: Sequence[T], size: int) -> Iterator[Sequence[T]]:
 
 
 class RateColumn(TextColumn):
-    """Items per second, computed from the task's own speed estimate."""
+    """Items per second since the task started (completed / elapsed): the same figure a
+    command's summary gives for the same items and clock, not a recent-window estimate."""
 
     def __init__(self, unit: str = "it") -> None:
         super().__init__("")
@@ -101,7 +102,8 @@ class RateColumn(TextColumn):
     def render(self, task):  # type: ignore[override]
         from rich.text import Text
 
-        speed = task.finished_speed or task.speed
+        elapsed = task.finished_time if task.finished else task.elapsed
+        speed = task.completed / elapsed if elapsed and task.completed else None
         if speed is None:
             return Text(f"? {self.unit}/s", style="progress.data.speed")
         return Text(f"{speed:,.1f} {self.unit}/s", style="progress.data.speed")
