@@ -613,7 +613,7 @@ def output_root(src: Path, dst: Path) -> Path:
 
 def run_settings(options: UpscaleOptions, system: SRSystem) -> dict:
     """Everything that decides the output pixels: options, model name and weights checksum."""
-    skip = {"overwrite", "show_progress", "max_pixels", "detect_max_pixels"}
+    skip = {"overwrite", "show_progress", "max_pixels", "detect_max_pixels", "suffix"}  # none changes pixels
     settings = {k: v for k, v in asdict(options).items() if k not in skip}
     settings["model"] = system.name
     settings["model_sha256"] = system.card.sha256 if system.card is not None else "bicubic"
@@ -627,7 +627,9 @@ def settings_conflict(root: Path, settings: dict) -> str:
         recorded = json.loads(path.read_text()).get("settings", {})
     except (OSError, ValueError, AttributeError):
         return ""
-    changed = [f"{key} {recorded.get(key)!r} -> {value!r}" for key, value in settings.items() if recorded.get(key) != value]
+    same_weights = recorded.get("model_sha256") == settings["model_sha256"]  # `default` and `fsr_default` alike
+    changed = [f"{key} {recorded.get(key)!r} -> {value!r}" for key, value in settings.items()
+               if recorded.get(key) != value and not (same_weights and key == "model")]
     return ", ".join(changed[:3]) + (f" and {len(changed) - 3} more" if len(changed) > 3 else "")
 
 

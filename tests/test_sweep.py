@@ -161,7 +161,7 @@ def test_verify_two_photos(tmp_path):
     b = LFW_DIR / "Erika_Harold" / sorted(p.name for p in (LFW_DIR / "Erika_Harold").glob("*.jpg"))[1]
     c = LFW_DIR / "George_Papandreou" / sorted(p.name for p in (LFW_DIR / "George_Papandreou").glob("*.jpg"))[0]
     runner = CliRunner()
-    same = runner.invoke(app, ["verify", str(a), str(b), "--system", "bicubic", "--device", "cpu"])
+    same = runner.invoke(app, ["verify", str(a), str(b), "--system", "bicubic", "--threshold", "64", "--device", "cpu"])
     assert same.exit_code == 0, same.output
     assert "same person" in same.output and "direct, no SR" in same.output
     different = runner.invoke(app, ["verify", str(a), str(c), "--system", "bicubic", "--device", "cpu"])
@@ -173,6 +173,6 @@ def test_verify_two_photos(tmp_path):
     write_image(tmp_path / "small.png", small[0].permute(1, 2, 0).round().clamp(0, 255).to(torch.uint8).numpy())
     sr = runner.invoke(app, ["verify", str(a), str(tmp_path / "small.png"), "--system", "bicubic", "--threshold", "64", "--device", "cpu"])
     assert sr.exit_code == 0, sr.output
-    assert "SR bicubic 32->128" in sr.output
+    assert "SR bicubic x4" in sr.output
     bad = runner.invoke(app, ["verify", str(a), str(tmp_path / "nothing.jpg"), "--device", "cpu"])
     assert bad.exit_code != 0 and "nothing.jpg" in bad.output

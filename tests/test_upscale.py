@@ -631,3 +631,19 @@ def test_prepare_selection_keeps_only_the_images_the_pairs_name(tmp_path):
     assert select_images([LFW_DIR], csv_pairs) == chosen[:2]
     with pytest.raises(SelectionError, match="no image"):
         select_images([WILD_DIR], SHARED_PAIRS)
+
+
+def test_verify_uses_the_face_pipeline_and_the_cards_range(tmp_path, compute):
+    """`fsr verify`: the same photo at full and half size is the same person; a face in the
+    default model's range is super-resolved at its own size (x4 of its square), one above it not."""
+    from fsr.evaluate.pair import verify_photos
+
+    photo = REPO / "examples" / "photos" / "img54.jpg"  # the main face's box is about 134 px
+    rgb = read_image(photo).rgb
+    Image.fromarray(to_uint8(resize_bicubic(to_tensor(rgb)[None], (rgb.shape[0] // 2, rgb.shape[1] // 2))[0])).save(
+        tmp_path / "half.png")
+    verdict = verify_photos(photo, tmp_path / "half.png", compute, system="default", sr_threshold=None)
+    assert verdict.same and verdict.a.super_resolved and verdict.b.super_resolved
+    assert abs(verdict.b.face.shape[-1] / 4 - verdict.b.side * 1.5) <= 1  # its square at its own size, x4
+    direct = verify_photos(photo, tmp_path / "half.png", compute, system="default", sr_threshold=100)
+    assert not direct.a.super_resolved and direct.b.super_resolved and direct.same
