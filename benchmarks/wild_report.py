@@ -1,8 +1,9 @@
 """Photo mode on wild/ photos: the per-image report and a contact sheet of the faces it processed.
 
 Runs `fsr upscale --mode photo` (the library call) on the wild/ photos, writes the JSON
-report, and draws every detection as a tile: the classical upscale beside the result
-(SR faces), labelled with the route (sr / classical / rejected), score, size and drift.
+report, prints every detection, and draws each one photo mode acted on (super-resolved, or
+rejected as not a face) as a tile: the classical upscale beside the result, labelled with
+the route, size, score, drift and reason.
 
     python benchmarks/wild_report.py --limit 20 --out /tmp/wild
 """
@@ -10,6 +11,7 @@ report, and draws every detection as a tile: the classical upscale beside the re
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +43,22 @@ def face_tile(original: np.ndarray, output: np.ndarray, face: dict, scale: int, 
     return tile
 
 
+def draw_sheet(report: Path, scale: int, out: Path, columns: int = 4) -> None:
+    """Contact sheet of the detections photo mode acted on (super-resolved or rejected)."""
+    tiles = []
+    for image in json.loads(report.read_text())["images"]:
+        faces = [f for f in image["faces"] if f["route"] != "classical"]
+        if image["status"] != "done" or not faces:
+            continue
+        original, output = read_image(image["input"]).rgb, read_image(image["output"]).rgb
+        tiles += [face_tile(original, output, f, scale, Path(image["input"]).stem) for f in faces]
+    rows = (len(tiles) + columns - 1) // columns
+    sheet = Image.new("RGB", (columns * 2 * TILE, max(1, rows) * (TILE + 28)), "white")
+    for k, tile in enumerate(tiles):
+        sheet.paste(tile, ((k % columns) * 2 * TILE, (k // columns) * (TILE + 28)))
+    sheet.save(out)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--wild", type=Path, default=DATA / "wild")
@@ -56,18 +74,7 @@ def main() -> None:
     options = UpscaleOptions(mode="photo", scale=args.scale, show_progress=False, overwrite=True)
     summary = upscale_path(src, args.out / "out", options, Compute.create("cpu", "fp32", batch_size=8))
     write_report(args.out / "report.json", summary)
-    tiles = []
-    for result in summary.results:
-        if result.status != "done":
-            continue
-        original, output = read_image(result.input).rgb, read_image(result.output).rgb
-        tiles += [face_tile(original, output, f, args.scale, Path(result.input).stem) for f in result.faces]
-    columns = 6
-    rows = (len(tiles) + columns - 1) // columns
-    sheet = Image.new("RGB", (columns * 2 * TILE, max(1, rows) * (TILE + 28)), "white")
-    for k, tile in enumerate(tiles):
-        sheet.paste(tile, ((k % columns) * 2 * TILE, (k // columns) * (TILE + 28)))
-    sheet.save(args.out / "contact_sheet.png")
+    draw_sheet(args.out / "report.json", args.scale, args.out / "contact_sheet.png")
     routes = [f["route"] for r in summary.results for f in r.faces]
     print(f"{summary.done} photos, detections {len(routes)}: sr {routes.count('sr')}, classical "
           f"{routes.count('classical')}, rejected {routes.count('rejected')}")

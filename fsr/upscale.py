@@ -653,10 +653,10 @@ class RunPlan:
     settings: dict
 
 
-def plan_run(src: str | os.PathLike, dst: str | os.PathLike, options: UpscaleOptions, system: SRSystem) -> RunPlan:
-    """Pair inputs with outputs; skip finished outputs made with the same settings, refuse
-    (one line naming --overwrite) to mix outputs of other settings."""
-    jobs = plan_jobs(src, dst, options)
+def plan_run(src: str | os.PathLike, dst: str | os.PathLike, jobs: list[Job], options: UpscaleOptions,
+             system: SRSystem) -> RunPlan:
+    """Skip finished outputs (``jobs`` from :func:`plan_jobs`) made with the same settings;
+    refuse (one line naming --overwrite) to mix outputs of other settings."""
     root = output_root(Path(src).expanduser(), Path(dst).expanduser())
     settings = run_settings(options, system)
     existing = {job.output for job in jobs if job.output.exists()}
@@ -813,9 +813,9 @@ def upscale_path(
     """
     started = time.perf_counter()
     options.validate()
-    plan_jobs(src, dst, options)  # path errors before the model loads
+    jobs = plan_jobs(src, dst, options)  # path errors before the model loads
     system = system or load_system(options, compute)
-    plan = plan_run(src, dst, options, system)
+    plan = plan_run(src, dst, jobs, options, system)
     if plan.pending:
         record_settings(plan.root, plan.settings)
     results, processing = run_pending(plan, RunModels(system, compute, detector, face_model, options.max_drift), options)
