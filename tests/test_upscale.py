@@ -367,7 +367,7 @@ def test_interrupted_run_leaves_no_partial_output_and_resumes(tmp_path):
         (src / p.name).write_bytes(p.read_bytes())  # 250x250 photos-as-faces -> 1000x1000 PNG outputs
     out = tmp_path / "out"
     args = [*FSR, "upscale", str(src), str(out), "--mode", "faces", "--model", "bicubic", "--format", "png",
-            "--batch-size", "1", "--threads", "1", "--no-progress"]
+            "--batch-size", "1", "--threads", "1", "--no-progress", "--max-drift", "0"]
     proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     deadline = time.time() + 120
