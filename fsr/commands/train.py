@@ -13,7 +13,7 @@ from fsr.commands.common import console, fail
 
 
 def train_command(
-    data: Path = typer.Argument(..., help="Prepared face folder (from `fsr prepare`, with manifest.csv) or a .npz face cache."),
+    data: list[Path] = typer.Argument(..., help="Prepared face folder(s) (from `fsr prepare`) or .npz face cache(s); several are joined."),
     run_dir: Path = typer.Option(Path("runs/fsr"), "--run-dir", help="Folder for config, checkpoints, logs, samples and exports."),
     config_file: Path = typer.Option(None, "--config", help="TOML or YAML config file (sections model, loss, optim, train, data, compute)."),
     preset: str = typer.Option(None, "--preset", help="ipfsrgan | esrgan | srgan | srcnn (default ipfsrgan, or the config file's)."),
@@ -27,7 +27,8 @@ def train_command(
     id_weights: Path = typer.Option(None, "--id-weights", help="Checkpoint for --id-model lightcnn/sphereface."),
     vgg_weights: Path = typer.Option(None, "--vgg-weights", help="torchvision VGG19 checkpoint (vgg19-dcbb9e9d.pth) for the perceptual loss."),
     perceptual: str = typer.Option(None, "--perceptual", help="Perceptual loss network: vgg (needs --vgg-weights) | identity (identity-network features) | none."),
-    export: str = typer.Option(None, "--export", help="Export G (EMA) as NAME (run-dir/export/NAME.safetensors + .json) or PATH.safetensors."),
+    export: str = typer.Option(None, "--export", help="Export the best validated G as NAME (run-dir/export/NAME.*) or PATH.safetensors."),
+    force: bool = typer.Option(False, "--force", help="Export even a model below bicubic on validation."),
     device: str = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N (under torchrun: each process its LOCAL_RANK GPU)."),
     precision: str = typer.Option(None, "--precision", help="auto | fp32 | bf16 | fp16 (auto: bf16 on GPUs, fp32 on CPU)."),
     threads: int = typer.Option(None, "--threads", min=0, help="CPU threads for torch (0 = all cores)."),
@@ -45,7 +46,9 @@ def train_command(
 
     if write_cache is not None:
         try:
-            path = write_face_cache(data, write_cache, jpeg_quality=cache_jpeg, progress=progress)
+            if len(data) != 1:
+                fail("--write-cache packs one prepared folder at a time")
+            path = write_face_cache(data[0], write_cache, jpeg_quality=cache_jpeg, progress=progress)
         except DatasetError as exc:
             fail(str(exc))
         console.print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB); train from it: fsr train {path} ...")
@@ -66,7 +69,7 @@ def train_command(
     try:
         config = resolve_run_config(run_dir, resume=resume, preset=preset, config_file=config_file,
                                     options=options, overrides=overrides or [])
-        result = run_training(data, run_dir, config, resume=resume, export=export,
+        result = run_training(data, run_dir, config, resume=resume, export=export, force_export=force,
                               command=shlex.join(["fsr", *sys.argv[1:]]))
     except (ConfigError, DatasetError, TrainingError, WeightsError, FileNotFoundError) as exc:
         fail(str(exc))
@@ -78,7 +81,7 @@ def train_command(
         console.print(f"trained steps {result.start_step}..{result.step} in {result.seconds:.1f} s "
                       f"({result.steps_per_second:.2f} it/s); run dir {run_dir}")
     if result.metrics:
-        shown = ", ".join(f"{k} {v:.4f}" for k, v in result.metrics.items())
+        shown = ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in result.metrics.items())
         base = ", ".join(f"{k} {v:.4f}" for k, v in result.bicubic.items())
         console.print(f"validation: {shown} (bicubic: {base})")
     if result.export:

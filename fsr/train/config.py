@@ -111,6 +111,7 @@ class TrainConfig:
     faces_per_identity: int = 2      # each batch is batch_size/faces_per_identity identities
     seed: int = 0
     ema_decay: float = 0.999         # 0 = no EMA
+    ema_warmup: bool = True          # decay min(ema_decay, (1+n)/(10+n)) after n updates
     val_every: int = 5000
     val_faces: int = 256
     best_metric: str = "psnr"        # psnr | ssim | identity
@@ -133,6 +134,8 @@ class DataConfig:
     max_faces: int = 0               # 0 = all training faces
     alpha_augment: float = 0.0       # fraction of training LR faces further degraded by a random alpha (Sec. V)
     alpha_min: float = 0.1           # smallest alpha drawn: LR side round(32 alpha) uniform in [round(32 alpha_min), 31]
+    scale_augment: float = 0.0       # fraction of batches whose faces are shrunk before the LR is made
+    scale_min: float = 0.5           # smallest shrink: HR side uniform in [128 scale_min, 128], step 4
 
 
 @dataclass
@@ -183,6 +186,8 @@ class Config:
             raise ConfigError("train.batch_size must be at least 2 (Eq. 5 needs pairs)")
         if not 0.0 <= self.data.alpha_augment <= 1.0:
             raise ConfigError(f"data.alpha_augment must be in [0, 1], got {self.data.alpha_augment}")
+        if not 0.0 <= self.data.scale_augment <= 1.0 or not 0.0 < self.data.scale_min <= 1.0:
+            raise ConfigError("data.scale_augment must be in [0, 1] and data.scale_min in (0, 1]")
         if not 0.0 < self.data.alpha_min < 1.0:
             raise ConfigError(f"data.alpha_min must be in (0, 1), got {self.data.alpha_min}")
         if self.train.faces_per_identity < 1:
