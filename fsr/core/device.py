@@ -144,6 +144,14 @@ class Compute:
             torch.backends.cudnn.benchmark = True
         return cls(device=dev, dtype=dtype, batch_size=batch_size, seed=seed, threads=threads)
 
+    @classmethod
+    def default(cls) -> "Compute":
+        """What a library call runs with when it is given no compute: the CPU in fp32.
+
+        A GPU, another precision or batch size is always asked for explicitly (the CLI's options).
+        """
+        return cls.create("cpu", "fp32")
+
     def autocast(self):
         """Autocast context for this compute's device and dtype."""
         return autocast(self.device, self.dtype)
