@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from fsr.core.io import atomic_path
-from fsr.data.degrade import bicubic_down, degrade_through
+from fsr.data.degrade import bicubic_down, degrade_through, quantise_8bit
 
 HR_SIZE = 128
 SCALE = 4
@@ -282,11 +282,6 @@ def flip_landmarks(landmarks: torch.Tensor, width: int) -> torch.Tensor:
     return out
 
 
-def quantize(images: torch.Tensor) -> torch.Tensor:
-    """Round [0, 1] images to 8-bit levels, as a saved PNG would be."""
-    return images.mul(255).round_().div_(255)
-
-
 class FaceBatcher:
     """Makes :class:`FaceBatch` es from in-memory uint8 faces on ``device``.
 
@@ -370,7 +365,7 @@ class FaceBatcher:
                 lr = torch.where(mask[:, None, None, None], lr.flip(-1), lr)
             landmarks = torch.where(mask[:, None, None], flip_landmarks(landmarks, hr.shape[-1]), landmarks)
         if lr is None:
-            lr = quantize(bicubic_down(hr, SCALE))
+            lr = quantise_8bit(bicubic_down(hr, SCALE))
         if step is not None and self.alpha_augment > 0:
             lr = self._alpha_augment(lr, self.degraded_sizes(step, lr.shape[0]))
         if self.channels_last:
