@@ -58,12 +58,19 @@ def run_fsr(args: list[str], repo: Path | None) -> None:
         raise SystemExit(f"fsr {' '.join(args)} failed ({done.returncode}):\n{done.stderr[-2000:]}")
 
 
-def tree_digests(root: Path) -> dict[str, str]:
-    """SHA-256 of every file below `root` except the timing files, keyed by its relative path."""
+def tree_digests(root: Path, work: Path) -> dict[str, str]:
+    """SHA-256 of every file below `root` except the timing files, keyed by its relative path.
+
+    ``prepare.json`` names the source folder, which lies under `work`: that prefix is replaced
+    by ``WORK`` before hashing, so the digests do not depend on where the check runs."""
     digests = {}
     for path in sorted(p for p in root.rglob("*") if p.is_file()):
-        if path.name not in TIMING_FILES:
-            digests[path.relative_to(root).as_posix()] = hashlib.sha256(path.read_bytes()).hexdigest()
+        if path.name in TIMING_FILES:
+            continue
+        data = path.read_bytes()
+        if path.name == "prepare.json":
+            data = data.replace(str(work.resolve()).encode(), b"WORK")
+        digests[path.relative_to(root).as_posix()] = hashlib.sha256(data).hexdigest()
     return digests
 
 
@@ -73,9 +80,9 @@ def produce(work: Path, lfw: Path, repo: Path | None) -> dict[str, dict[str, str
     for folder in (upscale_out, prepare_out):
         shutil.rmtree(folder, ignore_errors=True)
     run_fsr(["upscale", str(EXAMPLES), str(upscale_out), "--no-progress", *COMPUTE], repo)
-    sample = lfw_sample(lfw, work)
+    sample = lfw_sample(lfw, work.resolve())
     run_fsr(["prepare", str(sample), str(prepare_out), "--split", "test", "--workers", "2", "--quiet", "--seed", "0", *COMPUTE], repo)
-    return {"upscale examples/": tree_digests(upscale_out), f"prepare lfw{SAMPLE_SIZE}": tree_digests(prepare_out)}
+    return {"upscale examples/": tree_digests(upscale_out, work), f"prepare lfw{SAMPLE_SIZE}": tree_digests(prepare_out, work)}
 
 
 def compare(recorded: dict[str, dict[str, str]], current: dict[str, dict[str, str]]) -> list[str]:
