@@ -22,8 +22,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fsr.core.batching import make_progress
 from fsr.core.io import atomic_path
 from fsr.data.degrade import bicubic_down, degrade_through, quantise_8bit
+from fsr.data.manifest import read_manifest
 
 HR_SIZE = 128
 SCALE = 4
@@ -81,8 +83,6 @@ def load_face_arrays(data: str | Path, *, with_lr: bool = False, splits: tuple[s
         raise DatasetError(f"{data}: not a prepared face folder or .npz cache")
     if not (data / "manifest.csv").is_file():
         raise DatasetError(f"{data}: no manifest.csv (run `fsr prepare` first, or it has not finished)")
-    from fsr.data.manifest import read_manifest
-
     records = [r for r in read_manifest(data) if splits is None or r.split in splits]
     if max_faces:
         records = records[:max_faces]
@@ -91,8 +91,6 @@ def load_face_arrays(data: str | Path, *, with_lr: bool = False, splits: tuple[s
     hr = np.empty((len(records), HR_SIZE, HR_SIZE, 3), np.uint8)
     lr = np.empty((len(records), HR_SIZE // SCALE, HR_SIZE // SCALE, 3), np.uint8) if with_lr else None
     keep: list[int] = []
-    from fsr.core.batching import make_progress
-
     with make_progress("face", disable=not progress, transient=True) as bar:
         task = bar.add_task("loading faces", total=len(records))
         for i, record in enumerate(records):
