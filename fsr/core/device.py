@@ -10,11 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import os
-import random
 import warnings
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 DEVICE_CHOICES = "auto|cpu|cuda[:N]|mps"
@@ -98,13 +96,6 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
     elif device.type == "mps":
         torch.mps.synchronize()
-
-
-def seed_everything(seed: int) -> None:
-    """Seed Python, NumPy and torch (all devices)."""
-    random.seed(seed)
-    np.random.seed(seed % (2**32))
-    torch.manual_seed(seed)
 
 
 def set_threads(threads: int | None) -> None:
