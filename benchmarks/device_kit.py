@@ -33,13 +33,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from fsr.core.io import read_image, write_image
+from fsr.data.manifest import read_manifest, write_manifest
+from fsr.evaluate.sweep import match_records
+from fsr.evaluate.verification import read_pairs
 
-from fsr.core.io import read_image, write_image  # noqa: E402
-from fsr.evaluate.sweep import match_records  # noqa: E402
-from fsr.evaluate.verification import read_pairs  # noqa: E402
-from fsr.data.manifest import read_manifest, write_manifest  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 SHARED = REPO.parent / "shared" / "data"
 LIMIT_BYTES = 64 * 2**20

@@ -11,17 +11,12 @@ alignment. Also times a forward+backward pass (the identity loss in training).
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from fsr.core.device import Compute, machine_description, synchronize  # noqa: E402
-from fsr.models.face import FACE_MODELS, create_face_model  # noqa: E402
+from fsr.core.device import Compute, machine_description, synchronize
+from fsr.models.face import FACE_MODELS, create_face_model
 
 
 def build(name: str, compute: Compute):

@@ -18,24 +18,22 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from fsr.core.batching import make_progress
+from fsr.core.device import Compute, machine_description
+from fsr.core.io import atomic_path, read_image
+from fsr.core.weights import write_json
+from fsr.detect.mtcnn import MTCNN
+from fsr.evaluate.verification import kfold_verification, read_pairs
+from fsr.models.face import create_face_model
+from fsr.models.face.pipeline import central_face_landmarks, centre_crop_landmarks, embed_photos
 
-from fsr.core.batching import make_progress  # noqa: E402
-from fsr.core.device import Compute, machine_description  # noqa: E402
-from fsr.core.io import atomic_path, read_image  # noqa: E402
-from fsr.core.weights import write_json  # noqa: E402
-from fsr.detect.mtcnn import MTCNN  # noqa: E402
-from fsr.evaluate.verification import kfold_verification, read_pairs  # noqa: E402
-from fsr.models.face import create_face_model  # noqa: E402
-from fsr.models.face.pipeline import central_face_landmarks, centre_crop_landmarks, embed_photos  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 DATA = REPO.parent / "shared" / "data"
 ANCHOR = DATA / "reference" / "lfw_dlib_anchor.json"

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -22,13 +21,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from fsr.core.device import Compute, machine_description, synchronize
+from fsr.core.io import read_image
+from fsr.data.prepare import PrepareConfig, prepare_dataset
+from fsr.detect.mtcnn import MTCNN
 
-from fsr.core.device import Compute, machine_description, synchronize  # noqa: E402
-from fsr.core.io import read_image  # noqa: E402
-from fsr.data.prepare import PrepareConfig, prepare_dataset  # noqa: E402
-from fsr.detect.mtcnn import MTCNN  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 LFW = REPO.parent / "shared" / "data" / "lfw" / "lfw-deepfunneled"
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -29,16 +28,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from fsr.core.device import Compute, machine_description, precision_name, synchronize  # noqa: E402
-from fsr.data.dataset import FaceArrays, FaceBatcher, IdentityBatchSampler  # noqa: E402
-from fsr.models.discriminator import VGGStyleDiscriminator  # noqa: E402
-from fsr.models.rrdb import RRDBNet  # noqa: E402
-from fsr.models.vgg import VGG19Features  # noqa: E402
-from fsr.train.config import build_config  # noqa: E402
-from fsr.train.losses import IdentityFeatures, PerceptualFeatures  # noqa: E402
-from fsr.train.step import LossNetworks, SRTrainer  # noqa: E402
+from fsr.core.device import Compute, machine_description, precision_name, synchronize
+from fsr.data.dataset import FaceArrays, FaceBatcher, IdentityBatchSampler
+from fsr.models.discriminator import VGGStyleDiscriminator
+from fsr.models.rrdb import RRDBNet
+from fsr.models.vgg import VGG19Features
+from fsr.train.config import build_config
+from fsr.train.losses import IdentityFeatures, PerceptualFeatures
+from fsr.train.step import LossNetworks, SRTrainer
 
 TEMPLATE = np.array([[45, 55], [83, 55], [64, 72], [50, 90], [78, 90]], np.float32)
 

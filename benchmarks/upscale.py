@@ -20,20 +20,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from fsr.core.device import Compute, machine_description, precision_name, synchronize
+from fsr.core.weights import find_weights
+from fsr.models.rrdb import RRDBNet
+from fsr.models.systems import DEFAULT_MODEL_NAME, SRSystem, load_sr_system
 
-from fsr.core.device import Compute, machine_description, synchronize, precision_name  # noqa: E402
-from fsr.core.weights import find_weights  # noqa: E402
-from fsr.models.rrdb import RRDBNet  # noqa: E402
-from fsr.models.systems import DEFAULT_MODEL_NAME, SRSystem, load_sr_system  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
+
 
 
 def time_system(system: SRSystem, faces: int, repeats: int) -> float:
