@@ -6,7 +6,7 @@
 * prepare: the whole ``prepare_dataset`` pipeline (decode in --workers threads, detect,
   crop, bicubic LR, two PNG writes per face, journal) into a temporary folder.
 
-Targets (issue 2): >= 60 images/s on a 2-core CPU, >= 2,000 images/s on an H100/H200.
+Targets: >= 60 images/s on a 2-core CPU, >= 2,000 images/s on an H100/H200.
 """
 
 from __future__ import annotations
