@@ -32,6 +32,7 @@ from fsr.detect.mtcnn import MTCNN
 from fsr.evaluate.verification import kfold_verification, read_pairs
 from fsr.models.face import create_face_model
 from fsr.models.face.pipeline import central_face_landmarks, centre_crop_landmarks, embed_photos
+from compute_args import add_compute_arguments
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -95,9 +96,7 @@ def main() -> None:
     parser.add_argument("--pairs", type=Path, default=DATA / "lfw" / "pairs.txt", help="LFW pairs.txt")
     parser.add_argument("--out", type=Path, default=REPO / "scratch" / "face" / "lfw_dlib", help="output folder")
     parser.add_argument("--min-face", type=float, default=40, help="MTCNN minimum face (px); retried at 20")
-    parser.add_argument("--device", default="auto", help="auto|cpu|cuda[:N]")
-    parser.add_argument("--batch-size", type=int, default=64, help="faces per embedding batch")
-    parser.add_argument("--threads", type=int, default=2, help="CPU threads")
+    add_compute_arguments(parser, batch_size=64, batch_help="faces per embedding batch", threads=2, precision=None)
     args = parser.parse_args()
 
     compute = Compute.create(args.device, "fp32", batch_size=args.batch_size, threads=args.threads)
