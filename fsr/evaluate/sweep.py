@@ -247,32 +247,17 @@ def embed_system(
     return torch.cat(out)
 
 
-def _embed_photo_group(items: list[tuple[int, np.ndarray]], records: list, embedder: IdentityEmbedder,
-                       out: list, progress=None, task=None) -> None:
-    """Embed same-size photos ``(index, (H, W, 3) uint8)`` aligned by their records' landmarks
-    into ``out[index]``."""
-    images = torch.from_numpy(np.stack([im for _, im in items])).permute(0, 3, 1, 2).float().div_(255.0)
-    landmarks = torch.from_numpy(np.stack([np.asarray(records[j].landmarks, np.float32) for j, _ in items]))
-    for (j, _), emb in zip(items, embedder.embed_batched(images, landmarks)):
-        out[j] = emb
-    if progress is not None:
-        progress.advance(task, len(items))
-
-
 def embed_source_photos(prepared_dir: Path, faces: FaceSet, embedder: IdentityEmbedder, chunk: int,
                         progress=None, task=None) -> torch.Tensor:
     """Embed the original photos at their own resolution, aligned with the detected landmarks
-    (source pixels): the reference anchor's HR condition. Photos are batched by size; (N, D)."""
-    out: list[torch.Tensor | None] = [None] * len(faces.records)
-    pending: dict[tuple, list[tuple[int, np.ndarray]]] = {}
-    for i, record in enumerate(faces.records):
-        photo = np.array(read_image(source_photo_path(prepared_dir, record)).rgb_uint8())
-        pending.setdefault(photo.shape, []).append((i, photo))
-        if len(pending[photo.shape]) >= chunk:
-            _embed_photo_group(pending.pop(photo.shape), faces.records, embedder, out, progress, task)
-    for items in pending.values():
-        _embed_photo_group(items, faces.records, embedder, out, progress, task)
-    return torch.stack(out)  # type: ignore[arg-type]
+    (source pixels): the reference anchor's HR condition. Photos are read one at a time and
+    batched by size; (N, D)."""
+    photos = (
+        (np.array(read_image(source_photo_path(prepared_dir, record)).rgb_uint8()), np.asarray(record.landmarks, np.float32))
+        for record in faces.records
+    )
+    on_batch = None if progress is None else (lambda n: progress.advance(task, n))
+    return embedder.embed_photos(photos, chunk, on_batch)
 
 
 def embed_hr(faces: FaceSet, embedder: IdentityEmbedder, chunk: int, progress=None, task=None) -> torch.Tensor:

@@ -14,6 +14,8 @@ embeddings).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
+
 import numpy as np
 import torch
 from torch import nn
@@ -88,6 +90,35 @@ class IdentityEmbedder(nn.Module):
             ),
             torch.arange(n), self._sizer, out_device="cpu",
         )
+
+    def embed_photos(self, photos: Iterable[tuple[np.ndarray, np.ndarray]], chunk: int = 64,
+                     on_batch: Callable[[int], None] | None = None) -> torch.Tensor:
+        """Raw embeddings (N, D) on the CPU of photos of any sizes, in input order.
+
+        photos: (photo (H, W, 3) uint8 RGB, landmarks (5, 2) in its pixels) pairs, taken one at
+        a time (a generator keeps only the pending photos in memory); photos of one size are
+        embedded together, ``chunk`` at a time. ``on_batch(n)`` is called after each batch.
+        """
+        out: dict[int, torch.Tensor] = {}
+        pending: dict[tuple, list[tuple[int, np.ndarray, np.ndarray]]] = {}
+        for i, (photo, landmarks) in enumerate(photos):
+            group = pending.setdefault(photo.shape, [])
+            group.append((i, photo, landmarks))
+            if len(group) >= chunk:
+                self._embed_same_size(pending.pop(photo.shape), out, on_batch)
+        for group in pending.values():
+            self._embed_same_size(group, out, on_batch)
+        return torch.stack([out[i] for i in range(len(out))]) if out else torch.empty((0, self.embedding_dim))
+
+    def _embed_same_size(self, group: list[tuple[int, np.ndarray, np.ndarray]], out: dict[int, torch.Tensor],
+                         on_batch: Callable[[int], None] | None) -> None:
+        """Embed one batch of same-size photos into ``out[index]``."""
+        images = torch.from_numpy(np.stack([photo for _, photo, _ in group])).permute(0, 3, 1, 2).float().div_(255.0)
+        landmarks = torch.from_numpy(np.stack([np.asarray(lm, np.float32) for _, _, lm in group]))
+        for (i, _, _), emb in zip(group, self.embed_batched(images, landmarks)):
+            out[i] = emb
+        if on_batch is not None:
+            on_batch(len(group))
 
     # ---- comparison ------------------------------------------------------------------------
     def similarity(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
