@@ -119,26 +119,28 @@ class FaceSet:
     records: list = field(default_factory=list)
 
 
+def load_face(prepared_dir: Path, record) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """One prepared face: HR (128, 128, 3) and LR (32, 32, 3) uint8, landmarks (5, 2) in HR
+    pixels or None when the record has no usable ones."""
+    hr = np.ascontiguousarray(record.load_hr(prepared_dir))
+    lr = np.ascontiguousarray(record.load_lr(prepared_dir))
+    try:
+        lm = np.asarray(record.landmarks_in_crop(hr.shape[0]), dtype=np.float32)
+        lm = lm if lm.shape == (5, 2) and np.isfinite(lm).all() else None
+    except (AttributeError, TypeError, ValueError):
+        lm = None
+    return hr, lr, lm
+
+
 def load_face_set(prepared_dir: Path, key_to_record: dict, show_progress: bool = True, workers: int | None = None) -> FaceSet:
     """Read the HR and LR faces of the matched records (threaded: PNG decoding releases the GIL)."""
     keys = sorted(key_to_record)
     workers = workers or min(16, os.cpu_count() or 1)
-
-    def load(key):
-        rec = key_to_record[key]
-        hr = np.ascontiguousarray(rec.load_hr(prepared_dir))
-        lr = np.ascontiguousarray(rec.load_lr(prepared_dir))
-        try:
-            lm = np.asarray(rec.landmarks_in_crop(hr.shape[0]), dtype=np.float32)
-            lm = lm if lm.shape == (5, 2) and np.isfinite(lm).all() else None
-        except (AttributeError, TypeError, ValueError):
-            lm = None
-        return hr, lr, lm
-
+    records = [key_to_record[key] for key in keys]
     hrs, lrs, lms = [], [], []
     with make_progress("face", disable=not show_progress) as progress, ThreadPoolExecutor(workers) as pool:
         task = progress.add_task("load faces", total=len(keys))
-        for hr, lr, lm in pool.map(load, keys):
+        for hr, lr, lm in pool.map(lambda record: load_face(prepared_dir, record), records):
             hrs.append(hr)
             lrs.append(lr)
             lms.append(lm)
@@ -148,7 +150,7 @@ def load_face_set(prepared_dir: Path, key_to_record: dict, show_progress: bool =
     hr_t = torch.from_numpy(np.stack(hrs)).permute(0, 3, 1, 2).contiguous()
     lr_t = torch.from_numpy(np.stack(lrs)).permute(0, 3, 1, 2).contiguous()
     landmarks = torch.from_numpy(np.stack(lms)) if all(lm is not None for lm in lms) else None
-    return FaceSet(keys, hr_t, lr_t, landmarks, [key_to_record[k] for k in keys])
+    return FaceSet(keys, hr_t, lr_t, landmarks, records)
 
 
 def source_photo_path(prepared_dir: Path, record) -> Path:
