@@ -1,4 +1,4 @@
-"""Typed training configuration: dataclasses, presets, TOML/YAML files and ``--set`` overrides.
+"""Typed training configuration: dataclasses, presets, TOML/YAML/JSON files and ``--set`` overrides.
 
 Resolution order (later wins): preset (``ipfsrgan`` | ``esrgan`` | ``srgan`` | ``srcnn``)
 -> config file (TOML, YAML or JSON, same section names) -> command-line options -> ``--set
