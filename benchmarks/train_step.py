@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -37,16 +36,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from fsr.core.device import Compute, machine_description, precision_name, synchronize  # noqa: E402
-from fsr.data.dataset import FaceArrays, FaceBatcher, IdentityBatchSampler  # noqa: E402
-from fsr.models.discriminator import VGGStyleDiscriminator  # noqa: E402
-from fsr.models.rrdb import RRDBNet  # noqa: E402
-from fsr.models.vgg import VGG19Features  # noqa: E402
-from fsr.train.config import build_config  # noqa: E402
-from fsr.train.losses import IdentityFeatures, PerceptualFeatures  # noqa: E402
-from fsr.train.step import LossNetworks, SRTrainer  # noqa: E402
+from fsr.core.device import Compute, machine_description, precision_name, synchronize
+from fsr.data.dataset import FaceArrays, FaceBatcher, IdentityBatchSampler
+from fsr.models.discriminator import VGGStyleDiscriminator
+from fsr.models.rrdb import RRDBNet
+from fsr.models.vgg import VGG19Features
+from fsr.train.config import build_config
+from fsr.train.losses import IdentityFeatures, PerceptualFeatures
+from fsr.train.step import LossNetworks, SRTrainer
+from compute_args import add_compute_arguments
 
 TEMPLATE = np.array([[45, 55], [83, 55], [64, 72], [50, 90], [78, 90]], np.float32)
 
@@ -169,15 +167,12 @@ def time_variants(args, device: torch.device) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--precision", default="auto", help="fsr step precision (auto: bf16 on GPU)")
-    parser.add_argument("--batch-size", type=int, default=16)
+    add_compute_arguments(parser, batch_size=16, batch_help="faces per training batch")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--nf", type=int, default=64)
     parser.add_argument("--nb", type=int, default=23)
     parser.add_argument("--gc", type=int, default=32)
-    parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--compile", action="store_true", help="torch.compile in the fsr step")
     parser.add_argument("--cuda-graphs", action="store_true", help="compile with CUDA graphs (reduce-overhead)")
     parser.add_argument("--vgg-weights", default="", help="torchvision VGG19 checkpoint (random weights if absent)")

@@ -7,6 +7,11 @@ from pathlib import Path
 import typer
 
 from fsr.commands.common import DeviceOpt, PrecisionOpt, ThreadsOpt, console, err_console, fail, make_compute
+from fsr.core.weights import WeightsError
+from fsr.evaluate.identity import FaceModelError
+from fsr.evaluate.pair import PairVerifyError, verify_photos
+from fsr.evaluate.sweep import SweepError, alpha_table, paired_table, run_sweep, sweep_table, write_sweep
+from fsr.evaluate.verification import PairsError
 
 ALPHA_HELP = (
     "Comma-separated degradation factors in (0, 1]. fsr's reading of Sec. V: the 32x32 LR face is "
@@ -50,11 +55,6 @@ def verify_sweep_command(
 
     For each alpha the prepared 32x32 LR faces are degraded by alpha, super-resolved by each system to 128x128 and embedded by the face model; the HR faces give the reference line. Each test fold's threshold is chosen on the other folds. Pair images without a prepared face are failures to enrol: their pairs are decided "different" (counted, not dropped).
     """
-    from fsr.core.weights import WeightsError
-    from fsr.evaluate.identity import FaceModelError
-    from fsr.evaluate.sweep import SweepError, alpha_table, paired_table, run_sweep, sweep_table, write_sweep
-    from fsr.evaluate.verification import PairsError
-
     if score not in ("auto", "distance", "cosine"):
         fail(f"--score {score!r}: expected auto | distance | cosine")
     compute = make_compute(device, precision, batch_size, threads)
@@ -101,10 +101,6 @@ def verify_command(
 ) -> None:
     """Are the main faces in two photos the same person? Detect, super-resolve small faces, embed, compare (Fig. 2)."""
     from rich.table import Table
-
-    from fsr.core.weights import WeightsError
-    from fsr.evaluate.identity import FaceModelError
-    from fsr.evaluate.pair import PairVerifyError, verify_photos
 
     compute = make_compute(device, precision, 8, threads)
     try:

@@ -22,8 +22,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fsr.core.batching import make_progress
 from fsr.core.io import atomic_path
-from fsr.data.degrade import bicubic_down, degrade_through, resize_bicubic
+from fsr.data.degrade import bicubic_down, degrade_through, quantise_8bit, resize_bicubic
+from fsr.data.manifest import read_manifest
 
 HR_SIZE = 128
 SCALE = 4
@@ -88,8 +90,6 @@ def load_face_arrays(data: str | Path | list | tuple, *, with_lr: bool = False,
         raise DatasetError(f"{data}: not a prepared face folder or .npz cache")
     if not (data / "manifest.csv").is_file():
         raise DatasetError(f"{data}: no manifest.csv (run `fsr prepare` first, or it has not finished)")
-    from fsr.data.manifest import read_manifest
-
     records = [r for r in read_manifest(data) if splits is None or r.split in splits]
     if max_faces:
         records = records[:max_faces]
@@ -98,8 +98,6 @@ def load_face_arrays(data: str | Path | list | tuple, *, with_lr: bool = False,
     hr = np.empty((len(records), HR_SIZE, HR_SIZE, 3), np.uint8)
     lr = np.empty((len(records), HR_SIZE // SCALE, HR_SIZE // SCALE, 3), np.uint8) if with_lr else None
     keep: list[int] = []
-    from fsr.core.batching import make_progress
-
     with make_progress("face", disable=not progress, transient=True) as bar:
         task = bar.add_task("loading faces", total=len(records))
         for i, record in enumerate(records):
@@ -307,11 +305,6 @@ def flip_landmarks(landmarks: torch.Tensor, width: int) -> torch.Tensor:
     return out
 
 
-def quantize(images: torch.Tensor) -> torch.Tensor:
-    """Round [0, 1] images to 8-bit levels, as a saved PNG would be."""
-    return images.mul(255).round_().div_(255)
-
-
 class FaceBatcher:
     """Makes :class:`FaceBatch` es from in-memory uint8 faces on ``device``.
 
@@ -416,9 +409,9 @@ class FaceBatcher:
             side = self.hr_side(step, hr.shape[-1])
             if side != hr.shape[-1]:
                 landmarks = landmarks * (side / hr.shape[-1])
-                hr = quantize(resize_bicubic(hr, side).clamp_(0, 1))
+                hr = quantise_8bit(resize_bicubic(hr, side).clamp_(0, 1))
         if lr is None:
-            lr = quantize(bicubic_down(hr, SCALE))
+            lr = quantise_8bit(bicubic_down(hr, SCALE))
         if step is not None and self.alpha_augment > 0:
             lr = self._alpha_augment(lr, self.degraded_sizes(step, lr.shape[0], lr.shape[-1]))
         if self.channels_last:

@@ -21,11 +21,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 
 from fsr import __version__
 from fsr.core.batching import make_progress
 from fsr.core.device import Compute, machine_description, precision_name
 from fsr.core.io import atomic_write_text, to_uint8, write_image
+from fsr.core.weights import load_safetensors
 from fsr.data.dataset import (
     FaceArrays,
     FaceBatch,
@@ -36,9 +38,8 @@ from fsr.data.dataset import (
     split_train_val,
 )
 from fsr.data.degrade import bicubic_up
-from fsr.core.weights import load_safetensors
 from fsr.train.checkpoint import export_generator, find_latest_checkpoint, save_best, save_checkpoint
-from fsr.train.config import Config, apply_mapping, apply_override, build_config, config_from_dict, dump_config
+from fsr.train.config import Config, build_config, config_from_dict, dump_config, merge_options
 from fsr.train.distributed import DistInfo, barrier, cleanup, init_distributed, local_device
 from fsr.train.losses import IdentityFeatures, PerceptualFeatures
 from fsr.train.step import LossNetworks, SRTrainer
@@ -74,16 +75,7 @@ def resolve_run_config(run_dir: str | Path, *, resume: bool, preset: str | None 
     ``overrides`` (e.g. more steps); otherwise preset -> file -> options -> overrides."""
     saved = Path(run_dir) / "config.yaml"
     if resume and saved.is_file():
-        import yaml
-
-        config = config_from_dict(yaml.safe_load(saved.read_text()))
-        for dotted, value in (options or {}).items():
-            if value is not None:
-                section, key = dotted.split(".", 1)
-                apply_mapping(config, {section: {key: value}}, f"option {dotted}")
-        for override in overrides or []:
-            apply_override(config, override)
-        return config.validate()
+        return merge_options(config_from_dict(yaml.safe_load(saved.read_text())), options, overrides).validate()
     return build_config(preset, config_file, options, overrides)
 
 
@@ -98,6 +90,7 @@ def build_loss_networks(config: Config, compute: Compute, *, for_validation: boo
     identity = None
     if need_identity or for_validation:
         try:
+            # imported here: the face models load only when a run needs the identity network
             from fsr.models.face import create_face_model
 
             model = create_face_model(config.loss.id_model, weights=config.loss.id_weights or None, compute=compute)
@@ -109,6 +102,7 @@ def build_loss_networks(config: Config, compute: Compute, *, for_validation: boo
     perceptual = None
     if weights.perceptual > 0 and config.loss.perceptual_net != "none":
         if config.loss.perceptual_net == "vgg":
+            # imported here: VGG19 is needed only for the perceptual loss
             from fsr.models.vgg import VGG19Features
 
             perceptual = PerceptualFeatures("vgg", VGG19Features.from_checkpoint(config.loss.vgg_weights,
