@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
-# Every GPU check of issues 2, 4, 5 and 6 in one device call (at most 550 s of steps).
+# The GPU checks in one run on a CUDA machine that has a copy of the repository but not
+# ../shared/data: CUDA-vs-CPU tests on real faces, then the prepare, training-step, upscale and
+# verify-sweep speed benchmarks (benchmarks/RESULTS.md records their numbers).
 #
-# Here, once per session that has a device (see benchmarks/RESULTS.md for what is still open):
-#   python benchmarks/device_kit.py --prepared scratch/lfw      # -> device_kit/ (~25 MiB, ignored by git)
-# Then one call of the device tool:
-#   run(command="bash benchmarks/device_checks.sh", carry=["device_kit"], timeout_s=560)
+# On a machine with ../shared/data, pack the data the checks read (~25 MiB, ignored by git):
+#   python benchmarks/device_kit.py --prepared scratch/lfw      # -> device_kit/
+# copy the repository and device_kit/ to the GPU machine and run, from the repository root:
+#   OUT=device_out bash benchmarks/device_checks.sh
 # It writes at most eight files under $OUT: device.txt (nvidia-smi, torch), checks.log (all
 # output), cuda_tests.xml (tests/test_cuda.py), prepare.json, train_step.json, upscale.json and
-# verify_sweep.json.
-# Each step has its own time limit (550 s in all), so one slow step cannot take the others'
-# results with it. Training the shipped model on the GPU is a separate call (see weights/README.md).
+# verify_sweep.json. Each step has its own time limit (550 s in all), so one slow step cannot
+# take the others' results with it. DEVICE=cpu runs the same steps on the CPU (slowly).
 set -u
 OUT=${OUT:-device_out}
 KIT=${KIT:-device_kit}

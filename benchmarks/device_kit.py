@@ -1,10 +1,10 @@
-"""Pack what the GPU checks need into one folder that fits a device call (64 MiB in all).
+"""Pack what the GPU checks need into one folder of at most 64 MiB, to copy to a GPU machine.
 
     python benchmarks/device_kit.py --prepared scratch/lfw --out device_kit     # here
     python benchmarks/device_kit.py --unpack device_kit                          # there
 
-The device machine gets a copy of the repository only (not ../shared), so the data the
-benchmarks read travels in the kit, which `benchmarks/device_checks.sh` then uses:
+A GPU machine with a copy of the repository only (not ../shared) gets the data the
+benchmarks read in the kit, which `benchmarks/device_checks.sh` then uses:
 
 * ``data/``: a small copy of ``../shared/data`` for the prepare benchmark and
   ``tests/test_cuda.py`` (``FSR_SHARED_DATA=device_kit/data``): ``--images`` LFW photos
@@ -20,8 +20,8 @@ benchmarks read travels in the kit, which `benchmarks/device_checks.sh` then use
 * ``wheels/``: Python packages fsr needs that the device image lacks (piq), fetched with pip
   here when missing (``--wheels-from`` takes a folder of wheels instead).
 
-``KIT.json`` lists the contents, their sizes and the sources. The kit folder belongs in
-``.git/info/exclude`` and is named in the device call's ``carry``.
+``KIT.json`` lists the contents, their sizes and the sources. The kit folder is ignored by
+git (``.gitignore``).
 """
 
 from __future__ import annotations
@@ -33,13 +33,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from fsr.core.io import read_image, write_image
+from fsr.data.manifest import read_manifest, write_manifest
+from fsr.evaluate.sweep import match_records
+from fsr.evaluate.verification import read_pairs
 
-from fsr.core.io import read_image, write_image  # noqa: E402
-from fsr.evaluate.sweep import match_records  # noqa: E402
-from fsr.evaluate.verification import read_pairs  # noqa: E402
-from fsr.data.manifest import read_manifest, write_manifest  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 SHARED = REPO.parent / "shared" / "data"
 LIMIT_BYTES = 64 * 2**20
@@ -159,7 +158,7 @@ def main() -> None:
     print(json.dumps(kit, indent=1))
     if sum(sizes.values()) + repository_bytes() > LIMIT_BYTES - 4 * 2**20:
         raise SystemExit(f"{args.out}: {kit['total_mib']} MiB plus the repository's {kit['repository_mib']} MiB is too close "
-                         "to the 64 MiB a device call carries; lower --images")
+                         "to the 64 MiB limit of the kit; lower --images")
 
 
 if __name__ == "__main__":

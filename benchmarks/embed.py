@@ -11,17 +11,13 @@ alignment. Also times a forward+backward pass (the identity loss in training).
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from fsr.core.device import Compute, machine_description, synchronize  # noqa: E402
-from fsr.models.face import FACE_MODELS, create_face_model  # noqa: E402
+from fsr.core.device import Compute, machine_description, synchronize
+from fsr.models.face import FACE_MODELS, create_face_model
+from compute_args import add_compute_arguments
 
 
 def build(name: str, compute: Compute):
@@ -58,11 +54,8 @@ def time_model(model, compute: Compute, batch: int, faces: int, backward: bool) 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="auto", help="auto|cpu|cuda[:N]")
-    parser.add_argument("--precision", default="auto", help="auto|fp32|bf16|fp16 (CPU: always fp32)")
-    parser.add_argument("--batch-size", type=int, default=64, help="faces per batch")
+    add_compute_arguments(parser, batch_size=64, batch_help="faces per batch", threads=2)
     parser.add_argument("--faces", type=int, default=256, help="faces timed per model")
-    parser.add_argument("--threads", type=int, default=2, help="CPU threads")
     parser.add_argument("--models", default="dlib,sphereface,lightcnn", help="comma-separated model names")
     args = parser.parse_args()
     compute = Compute.create(args.device, args.precision, batch_size=args.batch_size, threads=args.threads)

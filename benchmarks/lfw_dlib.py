@@ -18,24 +18,23 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from fsr.core.batching import make_progress
+from fsr.core.device import Compute, machine_description
+from fsr.core.io import atomic_path, read_image
+from fsr.core.weights import write_json
+from fsr.detect.mtcnn import MTCNN
+from fsr.evaluate.verification import kfold_verification, read_pairs
+from fsr.models.face import create_face_model
+from fsr.models.face.pipeline import central_face_landmarks, centre_crop_landmarks, embed_photos
+from compute_args import add_compute_arguments
 
-from fsr.core.batching import make_progress  # noqa: E402
-from fsr.core.device import Compute, machine_description  # noqa: E402
-from fsr.core.io import atomic_path, read_image  # noqa: E402
-from fsr.core.weights import write_json  # noqa: E402
-from fsr.detect.mtcnn import MTCNN  # noqa: E402
-from fsr.evaluate.verification import kfold_verification, read_pairs  # noqa: E402
-from fsr.models.face import create_face_model  # noqa: E402
-from fsr.models.face.pipeline import central_face_landmarks, centre_crop_landmarks, embed_photos  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 DATA = REPO.parent / "shared" / "data"
 ANCHOR = DATA / "reference" / "lfw_dlib_anchor.json"
@@ -97,9 +96,7 @@ def main() -> None:
     parser.add_argument("--pairs", type=Path, default=DATA / "lfw" / "pairs.txt", help="LFW pairs.txt")
     parser.add_argument("--out", type=Path, default=REPO / "scratch" / "face" / "lfw_dlib", help="output folder")
     parser.add_argument("--min-face", type=float, default=40, help="MTCNN minimum face (px); retried at 20")
-    parser.add_argument("--device", default="auto", help="auto|cpu|cuda[:N]")
-    parser.add_argument("--batch-size", type=int, default=64, help="faces per embedding batch")
-    parser.add_argument("--threads", type=int, default=2, help="CPU threads")
+    add_compute_arguments(parser, batch_size=64, batch_help="faces per embedding batch", threads=2, precision=None)
     args = parser.parse_args()
 
     compute = Compute.create(args.device, "fp32", batch_size=args.batch_size, threads=args.threads)

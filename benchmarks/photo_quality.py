@@ -32,7 +32,7 @@ import torch
 from fsr.core.device import Compute
 from fsr.core.io import LoadedImage, read_image, to_tensor, to_uint8
 from fsr.core.weights import find_weights
-from fsr.data.degrade import resize_bicubic
+from fsr.core.resize import resize_bicubic
 from fsr.detect.crop import extract_square, points_to_crop, square_box
 from fsr.detect.mtcnn import MTCNN
 from fsr.models.face import create_face_model

@@ -6,7 +6,7 @@
 * prepare: the whole ``prepare_dataset`` pipeline (decode in --workers threads, detect,
   crop, bicubic LR, two PNG writes per face, journal) into a temporary folder.
 
-Targets (issue 2): >= 60 images/s on a 2-core CPU, >= 2,000 images/s on an H100/H200.
+Targets: >= 60 images/s on a 2-core CPU, >= 2,000 images/s on an H100/H200.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -22,13 +21,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from fsr.core.device import Compute, machine_description, synchronize
+from fsr.core.io import read_image
+from fsr.data.prepare import PrepareConfig, prepare_dataset
+from fsr.detect.mtcnn import MTCNN
+from compute_args import add_compute_arguments
 
-from fsr.core.device import Compute, machine_description, synchronize  # noqa: E402
-from fsr.core.io import read_image  # noqa: E402
-from fsr.data.prepare import PrepareConfig, prepare_dataset  # noqa: E402
-from fsr.detect.mtcnn import MTCNN  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 LFW = REPO.parent / "shared" / "data" / "lfw" / "lfw-deepfunneled"
 
@@ -65,10 +64,8 @@ def bench_prepare(files: list[Path], compute: Compute, workers: int) -> tuple[fl
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    add_compute_arguments(parser, batch_size=None, batch_help="images per detection batch (default 64 CPU, 1024 GPU)", precision=None)
     parser.add_argument("--images", type=int, default=1024, help="number of LFW images (sorted list, spread evenly)")
-    parser.add_argument("--batch-size", type=int, default=None, help="images per detection batch (default 64 CPU, 1024 GPU)")
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = all cores)")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="decode/write threads for the prepare pipeline")
     parser.add_argument("--repeats", type=int, default=2, help="timed passes of the detection benchmark (best kept)")
     parser.add_argument("--mode", choices=("both", "detect", "prepare"), default="both")

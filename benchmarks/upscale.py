@@ -20,20 +20,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from fsr.core.device import Compute, machine_description, precision_name, synchronize
+from fsr.core.weights import find_weights
+from fsr.models.rrdb import RRDBNet
+from fsr.models.systems import DEFAULT_MODEL_NAME, SRSystem, load_sr_system
+from compute_args import add_compute_arguments
 
-from fsr.core.device import Compute, machine_description, synchronize, precision_name  # noqa: E402
-from fsr.core.weights import find_weights  # noqa: E402
-from fsr.models.rrdb import RRDBNet  # noqa: E402
-from fsr.models.systems import DEFAULT_MODEL_NAME, SRSystem, load_sr_system  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
+
 
 
 def time_system(system: SRSystem, faces: int, repeats: int) -> float:
@@ -131,11 +131,8 @@ def time_pipeline(model_spec: str, compute: Compute, faces: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] | mps")
-    parser.add_argument("--precision", default="auto", help="auto | fp32 | bf16 | fp16 (never half on the CPU)")
-    parser.add_argument("--batch-size", type=int, default=0, help="faces per batch (0: 8 on the CPU, 512 on a GPU)")
+    add_compute_arguments(parser, batch_size=0, batch_help="faces per batch (0: 8 on the CPU, 512 on a GPU)")
     parser.add_argument("--faces", type=int, default=0, help="faces per timed run (0: 16 on the CPU, 40 batches on a GPU)")
-    parser.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch's default)")
     parser.add_argument("--repeats", type=int, default=0, help="timed repeats of the system run, best kept (0: 3 on a GPU, 1 on the CPU)")
     parser.add_argument("--models", default="default,rrdb23", help="comma list: default, rrdb23, or a model spec/path")
     parser.add_argument("--bf16-weights", action="store_true", help="forward: cast the network to the compute dtype")

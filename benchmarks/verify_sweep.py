@@ -20,8 +20,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from compute_args import add_compute_arguments
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 
 def untrained_rrdb_export(folder: Path) -> Path:
@@ -48,10 +49,7 @@ def main() -> None:
     parser.add_argument("--alphas", default="0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1.0", help="comma-separated alphas")
     parser.add_argument("--model", default="dlib", help="face model")
     parser.add_argument("--weights", default=None, help="face model weights (sphereface / lightcnn)")
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
-    parser.add_argument("--precision", default="auto", help="auto | fp32 | bf16 | fp16 (SR systems)")
-    parser.add_argument("--batch-size", type=int, default=512, help="faces per device batch")
-    parser.add_argument("--threads", type=int, default=0, help="CPU threads (0 = all)")
+    add_compute_arguments(parser, batch_size=512, batch_help="faces per device batch")
     parser.add_argument("--folds", type=int, default=0, help="first N folds only (0 = all)")
     parser.add_argument("--limit", type=int, default=0, help="at most N pairs per fold (0 = all)")
     parser.add_argument("--untrained-default", action="store_true", help="time an untrained RRDB when the default model is missing")

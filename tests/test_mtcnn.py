@@ -54,7 +54,7 @@ def parity(detector: MTCNN, reference: dict, keys: list[str]) -> dict:
 
 
 def test_converted_weights_are_reproducible_and_pinned(tmp_path):
-    from fsr.detect.convert_mtcnn import convert, find_mtcnn_assets, main
+    from tools.convert_mtcnn import convert, find_mtcnn_assets, main
 
     out = tmp_path / "mtcnn.safetensors"
     main(["--out", str(out)])

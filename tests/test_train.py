@@ -172,7 +172,7 @@ def test_tiny_l1_training_loss_falls_and_export_upscales(prepared, tmp_path):
 
     run = tmp_path / "run"
     _run_cli([str(prepared), "--run-dir", str(run), "--preset", "esrgan", "--perceptual", "none", "--steps", "40",
-              "--batch-size", "8", "--device", "cpu", "--threads", "2", "--no-progress", "--export", "tiny",
+              "--batch-size", "8", "--device", "cpu", "--threads", "2", "--no-progress", "--export", "tiny", "--force",
               *TINY, "--set", "loss.gan=none", "--set", "optim.lr_g=2e-3", "--set", "train.ema_decay=0.9",
               "--set", "train.log_every=5", "--set", "train.val_every=20", "--set", "train.checkpoint_every=20"])
     train = _log(run, "train")
@@ -196,14 +196,59 @@ def test_tiny_l1_training_loss_falls_and_export_upscales(prepared, tmp_path):
     sr = system.upscale(faces.lr)
     assert sr.shape == faces.hr.shape and float(sr.min()) >= 0 and float(sr.max()) <= 1
     psnr = float(10 * torch.log10(1 / ((sr - faces.hr) ** 2).mean()))
-    assert psnr == pytest.approx(val[-1]["psnr"], abs=0.5)  # the export is the validated EMA generator
+    best = max(val, key=lambda r: r["psnr"])
+    assert psnr == pytest.approx(best["psnr"], abs=0.5)  # the export is the best validated generator
+    assert card["weights_of"] == best["weights_of"] and set(best["candidates"]) == {"generator", "generator_ema"}
 
     # a finished run dir is never overwritten without --resume; resuming at the final step only re-exports
     again = CliRunner().invoke(app, ["train", str(prepared), "--run-dir", str(run), "--steps", "40", "--no-progress"])
     assert again.exit_code == 2 and "--resume" in again.output
-    _run_cli([str(prepared), "--run-dir", str(run), "--resume", "--no-progress", "--export", "again"])
+    _run_cli([str(prepared), "--run-dir", str(run), "--resume", "--no-progress", "--export", "again", "--force"])
     assert torch.equal(load_file(str(run / "export" / "again.safetensors"))["conv_first.weight"],
                        load_file(str(run / "export" / "tiny.safetensors"))["conv_first.weight"])
+
+
+def test_short_run_never_exports_a_model_below_bicubic(prepared, tmp_path):
+    """EMA warm-up keeps the EMA copy near the trained generator; an export below bicubic is refused
+    (nothing written), and a model that beats bicubic is exported and really does beat it."""
+    from fsr.core.device import Compute
+    from fsr.data.dataset import FaceBatcher, load_face_arrays, split_train_val
+    from fsr.data.degrade import bicubic_up
+    from fsr.models.systems import load_sr_system
+
+    common = ["--preset", "esrgan", "--perceptual", "none", "--steps", "30", "--batch-size", "8", "--device", "cpu",
+              "--threads", "2", "--no-progress", *TINY, "--set", "loss.gan=none", "--set", "optim.lr_g=2e-3",
+              "--set", "train.ema_decay=0.999", "--set", "train.val_every=30"]
+    dead = tmp_path / "dead"
+    refused = CliRunner().invoke(app, ["train", str(prepared), "--run-dir", str(dead), *common, "--export", "dead"])
+    assert refused.exit_code == 2 and "below bicubic" in refused.output and "--force" in refused.output
+    assert not (dead / "export" / "dead.safetensors").exists()
+    val = _log(dead, "val")[-1]["candidates"]  # with warm-up the EMA copy follows G (no 0.999 lag)
+    assert abs(val["generator_ema"]["psnr"] - val["generator"]["psnr"]) < 1.5, val
+
+    good = tmp_path / "good"
+    _run_cli([str(prepared), "--run-dir", str(good), *common, "--set", "model.upsampler=pixelshuffle",
+              "--set", "model.bicubic_skip=true", "--set", "optim.lr_g=5e-4", "--export", "good"])
+    system = load_sr_system(str(good / "export" / "good.safetensors"), Compute.create("cpu"))
+    arrays = load_face_arrays(prepared, with_lr=True)
+    _, val_idx = split_train_val(arrays)
+    faces = FaceBatcher(arrays, val_idx, torch.device("cpu"), lr_source="disk", flip=False).all_faces()
+    mse = lambda a: float(((a - faces.hr) ** 2).mean())  # noqa: E731
+    assert mse(system.upscale(faces.lr)) <= mse(bicubic_up(faces.lr, 4))
+
+
+def test_ema_warmup_decay_ramps_to_the_configured_decay():
+    from fsr.core.device import Compute
+    from fsr.train.config import build_config
+    from fsr.train.step import LossNetworks, SRTrainer
+
+    config = build_config("esrgan", overrides=["model.nf=8", "model.nb=1", "model.gc=8", "loss.gan=none",
+                                               "loss.perceptual_net=none", "train.ema_decay=0.999"])
+    trainer = SRTrainer(config, Compute.create("cpu"), LossNetworks())
+    decays = [trainer.ema_decay_at(s) for s in (0, 9, 99, 10_000, 100_000)]
+    assert decays[0] == pytest.approx(2 / 11) and decays == sorted(decays) and decays[-1] == 0.999
+    config.train.ema_warmup = False
+    assert trainer.ema_decay_at(0) == 0.999
 
 
 def _ckpt_tensors(run: Path, step: int) -> dict[str, dict[str, torch.Tensor]]:
@@ -366,7 +411,7 @@ def test_ddp_two_processes_gloo(prepared, tmp_path):
     cmd = [str(torchrun), "--standalone", "--nproc-per-node", "2", "-m", "fsr.cli", "train", str(prepared),
            "--run-dir", str(run), "--preset", "esrgan", "--perceptual", "none", "--steps", "3", "--batch-size", "4",
            "--device", "cpu", "--threads", "1", "--no-progress", *TINY, "--set", "train.log_every=1",
-           "--export", "ddp"]
+           "--export", "ddp", "--force"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import enum
 import sys
-from typing import NoReturn
+from typing import NoReturn, get_args
 
 import typer
 from rich.console import Console
@@ -34,3 +35,9 @@ def fail(message: str, code: int = 2) -> NoReturn:
     """Print a one-line error and exit."""
     err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
     sys.exit(code)
+
+
+def choice_enum(name: str, choices) -> type[enum.Enum]:
+    """A str Enum for a typer option from a ``Literal[...]`` (the library's one list of choices),
+    so ``--help`` lists them and typer rejects anything else; use ``.value`` for the string."""
+    return enum.Enum(name, {value: value for value in get_args(choices)}, type=str)

@@ -7,6 +7,9 @@ from pathlib import Path
 import typer
 
 from fsr.commands.common import BatchSizeOpt, DeviceOpt, PrecisionOpt, ThreadsOpt, console, err_console, fail, make_compute
+from fsr.core.weights import WeightsError
+from fsr.evaluate.identity import FaceModelError
+from fsr.evaluate.metrics import MetricsError, paired_table, run_metrics, summary_table
 
 
 def _parse_sr(values: list[str]) -> dict[str, str]:
@@ -40,10 +43,6 @@ def metrics_command(
     threads: int = ThreadsOpt,
 ) -> None:
     """Compare SR systems with HR ground truth: PSNR (RGB, Y), SSIM, MSE and SR-HR identity similarity."""
-    from fsr.core.weights import WeightsError
-    from fsr.evaluate.identity import FaceModelError
-    from fsr.evaluate.metrics import MetricsError, paired_table, run_metrics, summary_table
-
     compute = make_compute(device, precision, batch_size, threads)
     try:
         report, paths = run_metrics(

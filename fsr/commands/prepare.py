@@ -19,6 +19,8 @@ from fsr.commands.common import (
     make_compute,
 )
 from fsr.core.io import DEFAULT_MAX_PIXELS
+from fsr.core.weights import WeightsError
+from fsr.data.prepare import PrepareConfig, PrepareError, prepare_dataset
 from fsr.data.selection import SelectionError, select_images
 
 
@@ -62,9 +64,6 @@ def prepare_command(
 
     Writes DST/hr, DST/lr, DST/manifest.csv and DST/rejects.csv. Re-running the same command resumes an interrupted run.
     """
-    from fsr.core.weights import WeightsError
-    from fsr.data.prepare import PrepareConfig, PrepareError, prepare_dataset
-
     if len(paths) < 2:
         fail("give at least one source and the destination: fsr prepare SRC [SRC...] DST")
     *sources, dst = paths

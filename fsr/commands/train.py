@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import os
 import shlex
 import sys
@@ -9,25 +10,41 @@ from pathlib import Path
 
 import typer
 
-from fsr.commands.common import console, fail
+from fsr.commands.common import choice_enum, console, fail
+from fsr.core.weights import WeightsError
+from fsr.data.dataset import DatasetError, write_face_cache
+from fsr.models.face import FaceModelName
+from fsr.train.config import ConfigError, LossWeightsPreset, PerceptualNet, PresetName
+from fsr.train.loop import TrainingError, resolve_run_config, run_training
+
+Preset = choice_enum("Preset", PresetName)
+LossWeightsChoice = choice_enum("LossWeightsChoice", LossWeightsPreset)
+IdModel = choice_enum("IdModel", FaceModelName)
+Perceptual = choice_enum("Perceptual", PerceptualNet)
+
+
+def _value(choice: enum.Enum | None) -> str | None:
+    return None if choice is None else choice.value
 
 
 def train_command(
-    data: Path = typer.Argument(..., help="Prepared face folder (from `fsr prepare`, with manifest.csv) or a .npz face cache."),
+    data: list[Path] = typer.Argument(..., help="Prepared face folder(s) (from `fsr prepare`) or .npz face cache(s); several are joined."),
     run_dir: Path = typer.Option(Path("runs/fsr"), "--run-dir", help="Folder for config, checkpoints, logs, samples and exports."),
-    config_file: Path = typer.Option(None, "--config", help="TOML or YAML config file (sections model, loss, optim, train, data, compute)."),
-    preset: str = typer.Option(None, "--preset", help="ipfsrgan | esrgan | srgan | srcnn (default ipfsrgan, or the config file's)."),
+    config_file: Path = typer.Option(None, "--config", help="TOML, YAML or JSON config file (sections model, loss, optim, train, data, compute)."),
+    preset: Preset = typer.Option(None, "--preset", help="Preset (default ipfsrgan, or the config file's)."),
     overrides: list[str] = typer.Option(None, "--set", help="Override one config value: section.key=value, e.g. --set optim.lr_g=1e-4 (repeatable)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --run-dir from its newest complete checkpoint."),
     steps: int = typer.Option(None, "--steps", min=0, help="Total training steps (train.steps)."),
     batch_size: int = typer.Option(None, "--batch-size", min=2, help="Faces per batch per process (train.batch_size)."),
-    weights_preset: str = typer.Option(None, "--loss-weights", help="Eq. 1 weights: paper (perceptual 0.01, L1 1) | public-code (perceptual 1, L1 0.01)."),
-    margin: float = typer.Option(None, "--margin", help="Margin m of the identity loss (Eq. 5)."),
-    id_model: str = typer.Option(None, "--id-model", help="Identity network F of Eq. 5: dlib (shipped) | lightcnn | sphereface."),
+    weights_preset: LossWeightsChoice = typer.Option(None, "--loss-weights", help="Eq. 1 weights: paper (perceptual 0.01, L1 1) | public-code (perceptual 1, L1 0.01)."),
+    id_margin: float = typer.Option(None, "--id-margin", help="Margin m of the identity loss (Eq. 5)."),
+    old_margin: float = typer.Option(None, "--margin", hidden=True, help="Old name of --id-margin (removed in the next release)."),
+    id_model: IdModel = typer.Option(None, "--id-model", help="Identity network F of Eq. 5 (dlib ships; lightcnn, sphereface need --id-weights)."),
     id_weights: Path = typer.Option(None, "--id-weights", help="Checkpoint for --id-model lightcnn/sphereface."),
     vgg_weights: Path = typer.Option(None, "--vgg-weights", help="torchvision VGG19 checkpoint (vgg19-dcbb9e9d.pth) for the perceptual loss."),
-    perceptual: str = typer.Option(None, "--perceptual", help="Perceptual loss network: vgg (needs --vgg-weights) | identity (identity-network features) | none."),
-    export: str = typer.Option(None, "--export", help="Export G (EMA) as NAME (run-dir/export/NAME.safetensors + .json) or PATH.safetensors."),
+    perceptual: Perceptual = typer.Option(None, "--perceptual", help="Perceptual loss network: vgg (needs --vgg-weights), identity (identity-network features) or none."),
+    export: str = typer.Option(None, "--export", help="Export the best validated G as NAME (run-dir/export/NAME.*) or PATH.safetensors."),
+    force: bool = typer.Option(False, "--force", help="Export even a model below bicubic on validation."),
     device: str = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N (under torchrun: each process its LOCAL_RANK GPU)."),
     precision: str = typer.Option(None, "--precision", help="auto | fp32 | bf16 | fp16 (auto: bf16 on GPUs, fp32 on CPU)."),
     threads: int = typer.Option(None, "--threads", min=0, help="CPU threads for torch (0 = all cores)."),
@@ -40,33 +57,30 @@ def train_command(
     cache_jpeg: int = typer.Option(0, "--cache-jpeg", min=0, max=100, help="With --write-cache: JPEG quality for the HR crops (e.g. 95, ~7.5 KiB/face); 0 = lossless (~40 KiB/face)."),
 ) -> None:
     """Train a face super-resolution model (IP-FSRGAN, Eq. 1-7) and optionally export it."""
-    from fsr.core.weights import WeightsError
-    from fsr.data.dataset import DatasetError, write_face_cache
-
     if write_cache is not None:
         try:
-            path = write_face_cache(data, write_cache, jpeg_quality=cache_jpeg, progress=progress)
+            if len(data) != 1:
+                fail("--write-cache packs one prepared folder at a time")
+            path = write_face_cache(data[0], write_cache, jpeg_quality=cache_jpeg, progress=progress)
         except DatasetError as exc:
             fail(str(exc))
         console.print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB); train from it: fsr train {path} ...")
         return
-    from fsr.train.config import ConfigError
-    from fsr.train.loop import TrainingError, resolve_run_config, run_training
-
     options = {
         "train.steps": steps, "train.batch_size": batch_size, "train.seed": seed,
-        "loss.weights": weights_preset, "loss.margin": margin, "loss.id_model": id_model,
+        "loss.weights": _value(weights_preset), "loss.margin": id_margin if id_margin is not None else old_margin,
+        "loss.id_model": _value(id_model),
         "loss.id_weights": str(id_weights) if id_weights else None,
-        "loss.vgg_weights": str(vgg_weights) if vgg_weights else None, "loss.perceptual_net": perceptual,
+        "loss.vgg_weights": str(vgg_weights) if vgg_weights else None, "loss.perceptual_net": _value(perceptual),
         "compute.device": device, "compute.precision": precision, "compute.threads": threads,
         "compute.compile": compile_models, "compute.cuda_graphs": cuda_graphs, "compute.deterministic": deterministic,
     }
     if not progress:
         overrides = list(overrides or []) + ["train.progress=false"]
     try:
-        config = resolve_run_config(run_dir, resume=resume, preset=preset, config_file=config_file,
+        config = resolve_run_config(run_dir, resume=resume, preset=_value(preset), config_file=config_file,
                                     options=options, overrides=overrides or [])
-        result = run_training(data, run_dir, config, resume=resume, export=export,
+        result = run_training(data, run_dir, config, resume=resume, export=export, force_export=force,
                               command=shlex.join(["fsr", *sys.argv[1:]]))
     except (ConfigError, DatasetError, TrainingError, WeightsError, FileNotFoundError) as exc:
         fail(str(exc))
@@ -78,7 +92,7 @@ def train_command(
         console.print(f"trained steps {result.start_step}..{result.step} in {result.seconds:.1f} s "
                       f"({result.steps_per_second:.2f} it/s); run dir {run_dir}")
     if result.metrics:
-        shown = ", ".join(f"{k} {v:.4f}" for k, v in result.metrics.items())
+        shown = ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in result.metrics.items())
         base = ", ".join(f"{k} {v:.4f}" for k, v in result.bicubic.items())
         console.print(f"validation: {shown} (bicubic: {base})")
     if result.export:

@@ -7,6 +7,11 @@ from pathlib import Path
 import typer
 
 from fsr.commands.common import DeviceOpt, PrecisionOpt, ThreadsOpt, console, err_console, fail, make_compute
+from fsr.core.weights import WeightsError
+from fsr.evaluate.identity import FaceModelError
+from fsr.evaluate.pair import PairVerifyError, verify_photos
+from fsr.evaluate.sweep import SweepError, alpha_table, paired_table, run_sweep, sweep_table, write_sweep
+from fsr.evaluate.verification import PairsError
 
 ALPHA_HELP = (
     "Comma-separated degradation factors in (0, 1]. fsr's reading of Sec. V: the 32x32 LR face is "
@@ -50,11 +55,6 @@ def verify_sweep_command(
 
     For each alpha the prepared 32x32 LR faces are degraded by alpha, super-resolved by each system to 128x128 and embedded by the face model; the HR faces give the reference line. Each test fold's threshold is chosen on the other folds. Pair images without a prepared face are failures to enrol: their pairs are decided "different" (counted, not dropped).
     """
-    from fsr.core.weights import WeightsError
-    from fsr.evaluate.identity import FaceModelError
-    from fsr.evaluate.sweep import SweepError, alpha_table, paired_table, run_sweep, sweep_table, write_sweep
-    from fsr.evaluate.verification import PairsError
-
     if data is None or not data.is_dir():
         fail(f"{'--data is missing' if data is None else f'{data}: no such folder'}; make it with: "
              f"fsr prepare --pairs {pairs} --split test LFW_DIR data/lfw (LFW: lfw-deepfunneled)")
@@ -107,10 +107,6 @@ def verify_command(
 ) -> None:
     """Are the main faces in two photos the same person? Detect, super-resolve small faces, embed, compare (Fig. 2)."""
     from rich.table import Table
-
-    from fsr.core.weights import WeightsError
-    from fsr.evaluate.identity import FaceModelError
-    from fsr.evaluate.pair import PairVerifyError, verify_photos
 
     compute = make_compute(device, precision, 8, threads)
     try:

@@ -8,9 +8,8 @@ there instead of failing again.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TypeVar
 
 import torch
 from rich.console import Console
@@ -23,8 +22,6 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
-
-T = TypeVar("T")
 
 console = Console(stderr=True)
 
@@ -83,12 +80,6 @@ def run_batched(
     if not outputs:
         return inputs.new_empty((0,))
     return torch.cat(outputs, 0)
-
-
-def chunked(items: Sequence[T], size: int) -> Iterator[Sequence[T]]:
-    """Consecutive slices of ``items`` of at most ``size`` elements."""
-    for start in range(0, len(items), max(1, size)):
-        yield items[start : start + size]
 
 
 class RateColumn(TextColumn):

@@ -10,11 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import os
-import random
 import warnings
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 DEVICE_CHOICES = "auto|cpu|cuda[:N]|mps"
@@ -100,13 +98,6 @@ def synchronize(device: torch.device) -> None:
         torch.mps.synchronize()
 
 
-def seed_everything(seed: int) -> None:
-    """Seed Python, NumPy and torch (all devices)."""
-    random.seed(seed)
-    np.random.seed(seed % (2**32))
-    torch.manual_seed(seed)
-
-
 def set_threads(threads: int | None) -> None:
     """Set torch's intra-op CPU threads; ``None`` or 0 keeps torch's default (all cores)."""
     if threads:
@@ -143,6 +134,14 @@ class Compute:
             torch.backends.cudnn.allow_tf32 = True
             torch.backends.cudnn.benchmark = True
         return cls(device=dev, dtype=dtype, batch_size=batch_size, seed=seed, threads=threads)
+
+    @classmethod
+    def default(cls) -> "Compute":
+        """What a library call runs with when it is given no compute: the CPU in fp32.
+
+        A GPU, another precision or batch size is always asked for explicitly (the CLI's options).
+        """
+        return cls.create("cpu", "fp32")
 
     def autocast(self):
         """Autocast context for this compute's device and dtype."""

@@ -22,8 +22,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fsr.core.batching import make_progress
 from fsr.core.io import atomic_path
-from fsr.data.degrade import bicubic_down, degrade_through
+from fsr.data.degrade import bicubic_down, degrade_through, quantise_8bit, resize_bicubic
+from fsr.data.manifest import read_manifest
 
 HR_SIZE = 128
 SCALE = 4
@@ -68,12 +70,19 @@ def _encode_identities(names: list[str]) -> tuple[np.ndarray, list[str]]:
     return np.array([lookup[n] for n in names], dtype=np.int64), unique
 
 
-def load_face_arrays(data: str | Path, *, with_lr: bool = False, splits: tuple[str, ...] | None = None,
-                     max_faces: int = 0, progress: bool = False) -> FaceArrays:
-    """Load a prepared set (folder with ``manifest.csv``) or a cache (``.npz``) into memory.
+def load_face_arrays(data: str | Path | list | tuple, *, with_lr: bool = False,
+                     splits: tuple[str, ...] | None = None, max_faces: int = 0, progress: bool = False) -> FaceArrays:
+    """Load a prepared set (folder with ``manifest.csv``) or a cache (``.npz``) into memory;
+    a list of them is loaded one by one and concatenated (:func:`concat_face_arrays`).
 
     A face whose crop cannot be read is reported (one line, naming the file) and skipped.
     """
+    if isinstance(data, (list, tuple)):
+        if len(data) == 1:
+            data = data[0]
+        else:
+            return concat_face_arrays([load_face_arrays(d, with_lr=with_lr, splits=splits, max_faces=max_faces,
+                                                        progress=progress) for d in data])
     data = Path(data)
     if data.is_file() and data.suffix == ".npz":
         return _load_cache(data, with_lr=with_lr, splits=splits)
@@ -81,8 +90,6 @@ def load_face_arrays(data: str | Path, *, with_lr: bool = False, splits: tuple[s
         raise DatasetError(f"{data}: not a prepared face folder or .npz cache")
     if not (data / "manifest.csv").is_file():
         raise DatasetError(f"{data}: no manifest.csv (run `fsr prepare` first, or it has not finished)")
-    from fsr.data.manifest import read_manifest
-
     records = [r for r in read_manifest(data) if splits is None or r.split in splits]
     if max_faces:
         records = records[:max_faces]
@@ -91,8 +98,6 @@ def load_face_arrays(data: str | Path, *, with_lr: bool = False, splits: tuple[s
     hr = np.empty((len(records), HR_SIZE, HR_SIZE, 3), np.uint8)
     lr = np.empty((len(records), HR_SIZE // SCALE, HR_SIZE // SCALE, 3), np.uint8) if with_lr else None
     keep: list[int] = []
-    from fsr.core.batching import make_progress
-
     with make_progress("face", disable=not progress, transient=True) as bar:
         task = bar.add_task("loading faces", total=len(records))
         for i, record in enumerate(records):
@@ -121,6 +126,24 @@ def load_face_arrays(data: str | Path, *, with_lr: bool = False, splits: tuple[s
         identity=identity, identity_names=names,
         split=np.array([r.split for r in records]), face_ids=np.array([r.face_id for r in records]),
         source=str(data),
+    )
+
+
+def concat_face_arrays(parts: list[FaceArrays]) -> FaceArrays:
+    """One :class:`FaceArrays` from several (e.g. the same faces prepared at several margins).
+
+    Identities are matched by name across the parts, so an identity keeps one split and
+    one index; ``face_ids`` are prefixed with the part's position (``0:``, ``1:``...).
+    """
+    names = [parts[k].identity_names[i] for k in range(len(parts)) for i in parts[k].identity]
+    identity, unique = _encode_identities(names)
+    with_lr = all(p.lr is not None for p in parts)
+    return FaceArrays(
+        hr=np.concatenate([p.hr for p in parts]), lr=np.concatenate([p.lr for p in parts]) if with_lr else None,
+        landmarks=np.concatenate([p.landmarks for p in parts]), identity=identity, identity_names=unique,
+        split=np.concatenate([p.split for p in parts]),
+        face_ids=np.concatenate([np.char.add(f"{k}:", p.face_ids.astype(str)) for k, p in enumerate(parts)]),
+        source=" + ".join(p.source for p in parts),
     )
 
 
@@ -282,11 +305,6 @@ def flip_landmarks(landmarks: torch.Tensor, width: int) -> torch.Tensor:
     return out
 
 
-def quantize(images: torch.Tensor) -> torch.Tensor:
-    """Round [0, 1] images to 8-bit levels, as a saved PNG would be."""
-    return images.mul(255).round_().div_(255)
-
-
 class FaceBatcher:
     """Makes :class:`FaceBatch` es from in-memory uint8 faces on ``device``.
 
@@ -299,7 +317,7 @@ class FaceBatcher:
     def __init__(self, arrays: FaceArrays, indices: np.ndarray, device: torch.device, *,
                  lr_source: str = "bicubic", flip: bool = True, on_device: bool = True,
                  channels_last: bool = False, alpha_augment: float = 0.0, alpha_min: float = 0.1,
-                 seed: int = 0, rank: int = 0) -> None:
+                 scale_augment: float = 0.0, scale_min: float = 0.5, seed: int = 0, rank: int = 0) -> None:
         if lr_source == "disk" and arrays.lr is None:
             raise DatasetError("data.lr_source=disk but the LR crops were not loaded")
         self.device = device
@@ -317,6 +335,10 @@ class FaceBatcher:
         self._pin = store.type == "cpu" and device.type == "cuda"
         self.alpha_augment = float(alpha_augment)
         self.alpha_min = float(alpha_min)
+        self.scale_augment = float(scale_augment)
+        self.scale_min = float(scale_min)
+        if self.scale_augment > 0 and lr_source == "disk":
+            raise DatasetError("data.scale_augment needs data.lr_source=bicubic (LR made from the rescaled HR)")
         self.seed, self.rank = int(seed), int(rank)
 
     def __len__(self) -> int:
@@ -330,18 +352,32 @@ class FaceBatcher:
             return host.to(device)
         return host.pin_memory().to(device, non_blocking=True)
 
-    def degraded_sizes(self, step: int, n: int) -> np.ndarray:
+    def degraded_sizes(self, step: int, n: int, lr_side: int = LR_SIZE) -> np.ndarray:
         """LR side per face for step ``step`` (0 = not degraded): a pure function of (seed, step, rank).
 
         A fraction ``alpha_augment`` of the faces gets a side drawn uniformly from
-        [round(32 alpha_min), 31], the degradation ``verify-sweep`` applies (``alpha_degrade``).
+        [round(lr_side alpha_min), lr_side - 1], the degradation ``verify-sweep`` applies (``alpha_degrade``).
         """
         if self.alpha_augment <= 0:
             return np.zeros(n, dtype=np.int64)
         rng = np.random.default_rng([self.seed, int(step), self.rank, 0xA1FA])
-        low = max(1, round(LR_SIZE * self.alpha_min))
-        sizes = rng.integers(low, LR_SIZE, size=n)
+        low = max(1, round(lr_side * self.alpha_min))
+        sizes = rng.integers(low, max(low + 1, lr_side), size=n)
         return np.where(rng.random(n) < self.alpha_augment, sizes, 0)
+
+    def hr_side(self, step: int, full: int = HR_SIZE) -> int:
+        """HR side of step ``step``'s batch: ``full`` or, with probability ``scale_augment``, a
+        multiple of ``SCALE`` drawn uniformly from [scale_min * full, full] (a pure function of
+        (seed, step, rank)). The whole batch is shrunk to it before its LR is made, so the model
+        also learns smaller faces (scale_min 0.5: LR crops of 16-32 px)."""
+        if self.scale_augment <= 0:
+            return full
+        rng = np.random.default_rng([self.seed, int(step), self.rank, 0x5CA1E])
+        if rng.random() >= self.scale_augment:
+            return full
+        unit = SCALE
+        low = max(1, int(np.ceil(full * self.scale_min / unit)))
+        return int(unit * rng.integers(low, full // unit + 1))
 
     def make(self, indices: np.ndarray, flips: np.ndarray | None = None, step: int | None = None) -> FaceBatch:
         """Gather faces ``indices`` (into this batcher's subset), flip where ``flips``, make LR.
@@ -369,10 +405,15 @@ class FaceBatcher:
             if lr is not None:
                 lr = torch.where(mask[:, None, None, None], lr.flip(-1), lr)
             landmarks = torch.where(mask[:, None, None], flip_landmarks(landmarks, hr.shape[-1]), landmarks)
+        if step is not None and self.scale_augment > 0:
+            side = self.hr_side(step, hr.shape[-1])
+            if side != hr.shape[-1]:
+                landmarks = landmarks * (side / hr.shape[-1])
+                hr = quantise_8bit(resize_bicubic(hr, side).clamp_(0, 1))
         if lr is None:
-            lr = quantize(bicubic_down(hr, SCALE))
+            lr = quantise_8bit(bicubic_down(hr, SCALE))
         if step is not None and self.alpha_augment > 0:
-            lr = self._alpha_augment(lr, self.degraded_sizes(step, lr.shape[0]))
+            lr = self._alpha_augment(lr, self.degraded_sizes(step, lr.shape[0], lr.shape[-1]))
         if self.channels_last:
             hr = hr.contiguous(memory_format=torch.channels_last)
             lr = lr.contiguous(memory_format=torch.channels_last)

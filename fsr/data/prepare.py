@@ -125,8 +125,8 @@ def read_name_list(path: str | os.PathLike) -> set[str]:
         parts = line.split()
         if not parts or parts[0].startswith("#"):
             continue
-        if all(p.isdigit() for p in parts):
-            continue  # header such as "10 300"
+        if len(parts) == 2 and all(p.isdigit() for p in parts):
+            continue  # pairs.txt header such as "10 300" (a lone number is a CelebA identity)
         if len(parts) == 4 and parts[1].isdigit() and parts[3].isdigit():
             names.update((parts[0], parts[2]))  # different-person pair
         elif len(parts) in (2, 3) and all(p.isdigit() for p in parts[1:]):

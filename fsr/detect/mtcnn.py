@@ -330,7 +330,7 @@ class MTCNN(nn.Module):
         path = find_weights(WEIGHTS_FILE, weights)
         if path is None:
             raise WeightsError(
-                f"{weights or WEIGHTS_FILE}: MTCNN weights not found (run `python -m fsr.detect.convert_mtcnn`)"
+                f"{weights or WEIGHTS_FILE}: MTCNN weights not found (run `python -m tools.convert_mtcnn`)"
             )
         # the shipped checksum applies wherever the file was found ($FSR_WEIGHTS_DIR, cache, --weights)
         state = load_safetensors(path, sha256=shipped_checksums().get(WEIGHTS_FILE))
@@ -366,87 +366,64 @@ class MTCNN(nn.Module):
         """
         if len(images) == 0:
             return []
-        device = self.device
-        tensors = []
-        for i, img in enumerate(images):
-            arr = np.asarray(img)
-            if arr.ndim != 3 or arr.shape[2] != 3 or arr.dtype != np.uint8:
-                raise ValueError(f"image {i}: expected (H, W, 3) uint8 RGB, got {arr.shape} {arr.dtype}")
-            tensors.append(torch.from_numpy(np.array(arr, copy=not arr.flags.writeable)).permute(2, 0, 1))
-        heights = torch.tensor([t.shape[1] for t in tensors], dtype=torch.int64, device=device)
-        widths = torch.tensor([t.shape[2] for t in tensors], dtype=torch.int64, device=device)
+        tensors = _as_chw_tensors(images)
+        heights = torch.tensor([t.shape[1] for t in tensors], dtype=torch.int64, device=self.device)
+        widths = torch.tensor([t.shape[2] for t in tensors], dtype=torch.int64, device=self.device)
+        integral, boxes, inds = self._proposals(tensors, min_face, thresholds[0], factor)
+        if boxes.shape[0] > 0:
+            boxes, inds = self._refine(integral, boxes, inds, widths, heights, thresholds[1])
+        points = torch.zeros((0, 5, 2), device=self.device)
+        if boxes.shape[0] > 0:
+            boxes, inds, points = self._output(integral, boxes, inds, widths, heights, thresholds[2])
+        return _detections_per_image(boxes, points, inds, len(images))
 
-        # Stage 1: PNet over the pyramid, images of equal size batched together.
+    def _proposals(self, tensors: list[torch.Tensor], min_face: float, threshold: float, factor: float):
+        """Stage 1: PNet over the pyramid, images of equal size batched together.
+
+        Returns the integral images and the candidate boxes (M, 5) with their image indices (M,)."""
+        device = self.device
         groups: dict[tuple[int, int], list[int]] = {}
         for i, t in enumerate(tensors):
             groups.setdefault((t.shape[1], t.shape[2]), []).append(i)
-        batches: list[tuple[torch.Tensor, list[int]]] = []
-        for (h, w), members in groups.items():
-            batch_u8 = torch.stack([tensors[i] for i in members]).to(device, non_blocking=True)
-            batches.append((batch_u8, members))
+        batches = [(torch.stack([tensors[i] for i in members]).to(device, non_blocking=True), members) for members in groups.values()]
         integral = _IntegralImages(batches, len(tensors), device)
         all_boxes, all_inds = [], []
         for (h, w), members in groups.items():
             members_t = torch.tensor(members, dtype=torch.int64, device=device)
             step = max(1, self.pyramid_pixels // (h * w))
             for start in range(0, len(members), step):
-                boxes, inds = self._stage_one(integral, members_t[start : start + step], h, w, min_face, thresholds[0], factor)
+                boxes, inds = self._stage_one(integral, members_t[start : start + step], h, w, min_face, threshold, factor)
                 all_boxes.append(boxes)
                 all_inds.append(members_t[start + inds])
-        boxes = torch.cat(all_boxes)
-        inds = torch.cat(all_inds)
+        return integral, torch.cat(all_boxes), torch.cat(all_inds)
 
-        # Stage 2: RNet.
-        if boxes.shape[0] > 0:
-            y0, y1, x0, x1, valid = _clip_for_crop(boxes, widths[inds], heights[inds])
-            boxes, inds = boxes[valid], inds[valid]
-            reg, prob = self._crop_and_run(self.rnet, integral, inds, y0[valid], y1[valid], x0[valid], x1[valid], 24, self.rnet_batch)
-            score = prob[:, 1]
-            keep = score > thresholds[1]
-            boxes = torch.cat([boxes[keep, :4], score[keep, None]], dim=1)
-            inds, reg = inds[keep], reg[keep]
-            pick = batched_nms(boxes[:, :4], boxes[:, 4], inds, 0.7)
-            boxes, inds, reg = boxes[pick], inds[pick], reg[pick]
-            boxes = _square(_regress(boxes, reg))
+    def _refine(self, integral, boxes, inds, widths, heights, threshold: float):
+        """Stage 2: RNet rescoring, NMS per image, box regression and squaring."""
+        y0, y1, x0, x1, valid = _clip_for_crop(boxes, widths[inds], heights[inds])
+        boxes, inds = boxes[valid], inds[valid]
+        reg, prob = self._crop_and_run(self.rnet, integral, inds, y0[valid], y1[valid], x0[valid], x1[valid], 24, self.rnet_batch)
+        score = prob[:, 1]
+        keep = score > threshold
+        boxes = torch.cat([boxes[keep, :4], score[keep, None]], dim=1)
+        inds, reg = inds[keep], reg[keep]
+        pick = batched_nms(boxes[:, :4], boxes[:, 4], inds, 0.7)
+        boxes, inds, reg = boxes[pick], inds[pick], reg[pick]
+        return _square(_regress(boxes, reg)), inds
 
-        # Stage 3: ONet, landmarks.
-        points = torch.zeros((0, 5, 2), device=device)
-        if boxes.shape[0] > 0:
-            y0, y1, x0, x1, valid = _clip_for_crop(boxes, widths[inds], heights[inds])
-            boxes, inds = boxes[valid], inds[valid]
-            reg, marks, prob = self._crop_and_run(self.onet, integral, inds, y0[valid], y1[valid], x0[valid], x1[valid], 48, self.onet_batch)
-            score = prob[:, 1]
-            keep = score > thresholds[2]
-            boxes = torch.cat([boxes[keep, :4], score[keep, None]], dim=1)
-            inds, reg, marks = inds[keep], reg[keep], marks[keep]
-            w_i = boxes[:, 2] - boxes[:, 0] + 1
-            h_i = boxes[:, 3] - boxes[:, 1] + 1
-            px = w_i[:, None] * marks[:, :5] + boxes[:, 0:1] - 1
-            py = h_i[:, None] * marks[:, 5:10] + boxes[:, 1:2] - 1
-            points = torch.stack([px, py], dim=2)
-            boxes = _regress(boxes, reg)
-
-        boxes_np = boxes.float().cpu().numpy()
-        points_np = points.float().cpu().numpy()
-        inds_np = inds.cpu().numpy()
-        order = np.argsort(inds_np, kind="stable")
-        bounds = np.searchsorted(inds_np[order], np.arange(len(images) + 1))
-        results = []
-        for i in range(len(images)):
-            sel = order[bounds[i] : bounds[i + 1]]
-            if sel.size == 0:
-                results.append(FaceDetections.empty())
-                continue
-            b = boxes_np[sel]
-            pick = sel[_nms_min(b[:, :4], b[:, 4], 0.7)]
-            results.append(
-                FaceDetections(
-                    boxes=np.ascontiguousarray(boxes_np[pick, :4], dtype=np.float32),
-                    scores=np.ascontiguousarray(boxes_np[pick, 4], dtype=np.float32),
-                    landmarks=np.ascontiguousarray(points_np[pick], dtype=np.float32),
-                )
-            )
-        return results
+    def _output(self, integral, boxes, inds, widths, heights, threshold: float):
+        """Stage 3: ONet rescoring, 5 landmarks (M, 5, 2) in image pixels, box regression."""
+        y0, y1, x0, x1, valid = _clip_for_crop(boxes, widths[inds], heights[inds])
+        boxes, inds = boxes[valid], inds[valid]
+        reg, marks, prob = self._crop_and_run(self.onet, integral, inds, y0[valid], y1[valid], x0[valid], x1[valid], 48, self.onet_batch)
+        score = prob[:, 1]
+        keep = score > threshold
+        boxes = torch.cat([boxes[keep, :4], score[keep, None]], dim=1)
+        inds, reg, marks = inds[keep], reg[keep], marks[keep]
+        w_i = boxes[:, 2] - boxes[:, 0] + 1
+        h_i = boxes[:, 3] - boxes[:, 1] + 1
+        px = w_i[:, None] * marks[:, :5] + boxes[:, 0:1] - 1
+        py = h_i[:, None] * marks[:, 5:10] + boxes[:, 1:2] - 1
+        return _regress(boxes, reg), inds, torch.stack([px, py], dim=2)
 
     # ------------------------------------------------------------------ stages
 
@@ -512,3 +489,37 @@ def _generate_boxes(reg: torch.Tensor, prob: torch.Tensor, scale: float, thresho
     q2 = ((2 * cell + 12) / scale).floor()
     return torch.cat([q1, q2, score[:, None], offsets], dim=1), inds
 
+
+def _as_chw_tensors(images: Sequence[np.ndarray]) -> list[torch.Tensor]:
+    """(H, W, 3) uint8 RGB arrays -> (3, H, W) uint8 tensors on the CPU; a clear error otherwise."""
+    tensors = []
+    for i, img in enumerate(images):
+        arr = np.asarray(img)
+        if arr.ndim != 3 or arr.shape[2] != 3 or arr.dtype != np.uint8:
+            raise ValueError(f"image {i}: expected (H, W, 3) uint8 RGB, got {arr.shape} {arr.dtype}")
+        tensors.append(torch.from_numpy(np.array(arr, copy=not arr.flags.writeable)).permute(2, 0, 1))
+    return tensors
+
+
+def _detections_per_image(boxes: torch.Tensor, points: torch.Tensor, inds: torch.Tensor, n_images: int) -> list[FaceDetections]:
+    """Split the final boxes (M, 5), landmarks (M, 5, 2) by image index (M,), with a last NMS per image."""
+    boxes_np = boxes.float().cpu().numpy()
+    points_np = points.float().cpu().numpy()
+    inds_np = inds.cpu().numpy()
+    order = np.argsort(inds_np, kind="stable")
+    bounds = np.searchsorted(inds_np[order], np.arange(n_images + 1))
+    results = []
+    for i in range(n_images):
+        sel = order[bounds[i] : bounds[i + 1]]
+        if sel.size == 0:
+            results.append(FaceDetections.empty())
+            continue
+        pick = sel[_nms_min(boxes_np[sel][:, :4], boxes_np[sel][:, 4], 0.7)]
+        results.append(
+            FaceDetections(
+                boxes=np.ascontiguousarray(boxes_np[pick, :4], dtype=np.float32),
+                scores=np.ascontiguousarray(boxes_np[pick, 4], dtype=np.float32),
+                landmarks=np.ascontiguousarray(points_np[pick], dtype=np.float32),
+            )
+        )
+    return results

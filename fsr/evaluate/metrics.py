@@ -39,7 +39,9 @@ from fsr.core.batching import make_progress
 from fsr.core.device import Compute
 from fsr.core.io import ImageReadError, atomic_path, atomic_write_text, iter_image_files, read_image, to_tensor
 from fsr.core.weights import write_json
-from fsr.evaluate.identity import FaceEmbedder
+from fsr.data.manifest import read_manifest
+from fsr.evaluate.identity import FaceEmbedder, load_face_model
+from fsr.models.systems import load_sr_system
 
 PIXEL_METRICS = ("psnr_rgb", "psnr_y", "ssim", "ssim_y", "mse")
 METRIC_LABELS = {
@@ -383,8 +385,6 @@ def evaluate_folders(
 
 def select_records(prepared_dir: str | Path, split: str | None = None, limit: int | None = None):
     """Records of a prepared set (interface B), optionally one split, in face_id order."""
-    from fsr.data.manifest import read_manifest
-
     prepared_dir = Path(prepared_dir)
     if not (prepared_dir / "manifest.csv").is_file():
         raise MetricsError(f"{prepared_dir}: not a prepared set (no manifest.csv; run fsr prepare)")
@@ -448,8 +448,6 @@ def evaluate_prepared(
 ) -> MetricsReport:
     """Run SR systems (specs for ``load_sr_system``) on a prepared set's LR faces and score
     their outputs against the HR faces. Image keys are the records' ``face_id``."""
-    from fsr.models.systems import load_sr_system
-
     prepared_dir = Path(prepared_dir)
     records = select_records(prepared_dir, split, limit)
     if not records:
@@ -569,8 +567,6 @@ def run_metrics(
     """``fsr metrics``: evaluate folders (``hr_dir`` + ``sr_dirs``) or systems on a prepared set,
     write the CSV, JSON and heatmaps into ``out_dir`` and return the report and file paths.
     ``baseline``: the system the others are compared with image by image (``report.paired``)."""
-    from fsr.evaluate.identity import load_face_model
-
     if (hr_dir is None) == (prepared_dir is None):
         raise MetricsError("give either --hr with --sr NAME=DIR, or --data PREPARED with --system")
     embedder = None

@@ -42,11 +42,13 @@ import torch
 
 from fsr.core.batching import make_progress
 from fsr.core.device import Compute, machine_description, synchronize
-from fsr.core.io import atomic_path, atomic_write_text
+from fsr.core.io import atomic_path, atomic_write_text, read_image
 from fsr.core.weights import write_json
 from fsr.data.degrade import alpha_degrade
-from fsr.evaluate.identity import FaceEmbedder, load_face_model
+from fsr.data.manifest import read_manifest
 from fsr.evaluate.verification import Pair, PairedComparison, VerificationResult, kfold_verification, paired_comparison, read_pairs
+from fsr.models.face import IdentityEmbedder, create_face_model
+from fsr.models.systems import load_sr_system
 
 DEFAULT_ALPHAS = tuple(round(0.1 * k, 1) for k in range(1, 11))
 HR_NAME = "HR"
@@ -117,26 +119,28 @@ class FaceSet:
     records: list = field(default_factory=list)
 
 
+def load_face(prepared_dir: Path, record) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """One prepared face: HR (128, 128, 3) and LR (32, 32, 3) uint8, landmarks (5, 2) in HR
+    pixels or None when the record has no usable ones."""
+    hr = np.ascontiguousarray(record.load_hr(prepared_dir))
+    lr = np.ascontiguousarray(record.load_lr(prepared_dir))
+    try:
+        lm = np.asarray(record.landmarks_in_crop(hr.shape[0]), dtype=np.float32)
+        lm = lm if lm.shape == (5, 2) and np.isfinite(lm).all() else None
+    except (AttributeError, TypeError, ValueError):
+        lm = None
+    return hr, lr, lm
+
+
 def load_face_set(prepared_dir: Path, key_to_record: dict, show_progress: bool = True, workers: int | None = None) -> FaceSet:
     """Read the HR and LR faces of the matched records (threaded: PNG decoding releases the GIL)."""
     keys = sorted(key_to_record)
     workers = workers or min(16, os.cpu_count() or 1)
-
-    def load(key):
-        rec = key_to_record[key]
-        hr = np.ascontiguousarray(rec.load_hr(prepared_dir))
-        lr = np.ascontiguousarray(rec.load_lr(prepared_dir))
-        try:
-            lm = np.asarray(rec.landmarks_in_crop(hr.shape[0]), dtype=np.float32)
-            lm = lm if lm.shape == (5, 2) and np.isfinite(lm).all() else None
-        except (AttributeError, TypeError, ValueError):
-            lm = None
-        return hr, lr, lm
-
+    records = [key_to_record[key] for key in keys]
     hrs, lrs, lms = [], [], []
     with make_progress("face", disable=not show_progress) as progress, ThreadPoolExecutor(workers) as pool:
         task = progress.add_task("load faces", total=len(keys))
-        for hr, lr, lm in pool.map(load, keys):
+        for hr, lr, lm in pool.map(lambda record: load_face(prepared_dir, record), records):
             hrs.append(hr)
             lrs.append(lr)
             lms.append(lm)
@@ -146,7 +150,7 @@ def load_face_set(prepared_dir: Path, key_to_record: dict, show_progress: bool =
     hr_t = torch.from_numpy(np.stack(hrs)).permute(0, 3, 1, 2).contiguous()
     lr_t = torch.from_numpy(np.stack(lrs)).permute(0, 3, 1, 2).contiguous()
     landmarks = torch.from_numpy(np.stack(lms)) if all(lm is not None for lm in lms) else None
-    return FaceSet(keys, hr_t, lr_t, landmarks, [key_to_record[k] for k in keys])
+    return FaceSet(keys, hr_t, lr_t, landmarks, records)
 
 
 def source_photo_path(prepared_dir: Path, record) -> Path:
@@ -226,7 +230,7 @@ def embed_system(
     faces: FaceSet,
     system,
     alpha: float,
-    embedder: FaceEmbedder,
+    embedder: IdentityEmbedder,
     chunk: int,
     progress=None,
     task=None,
@@ -239,46 +243,31 @@ def embed_system(
         lr = alpha_degrade(lr, alpha)
         sr = system.upscale(lr)
         lm = None if faces.landmarks is None else faces.landmarks[start : start + chunk]
-        out.append(embedder.embed(sr, lm))
+        out.append(embedder.embed_batched(sr, lm))
         if progress is not None:
             progress.advance(task, lr.shape[0])
     return torch.cat(out)
 
 
-def embed_photos(prepared_dir: Path, faces: FaceSet, embedder: FaceEmbedder, chunk: int, progress=None, task=None) -> torch.Tensor:
+def embed_source_photos(prepared_dir: Path, faces: FaceSet, embedder: IdentityEmbedder, chunk: int,
+                        progress=None, task=None) -> torch.Tensor:
     """Embed the original photos at their own resolution, aligned with the detected landmarks
-    (source pixels): the reference anchor's HR condition. Photos are batched by size."""
-    from fsr.core.io import read_image
-
-    paths = [source_photo_path(prepared_dir, rec) for rec in faces.records]
-    out: list[torch.Tensor | None] = [None] * len(paths)
-    pending: dict[tuple, list[tuple[int, np.ndarray]]] = {}
-
-    def flush(shape: tuple) -> None:
-        items = pending.pop(shape)
-        images = torch.from_numpy(np.stack([im for _, im in items])).permute(0, 3, 1, 2).float().div_(255.0)
-        lms = torch.from_numpy(np.stack([np.asarray(faces.records[j].landmarks, np.float32) for j, _ in items]))
-        for (j, _), e in zip(items, embedder.embed(images, lms)):
-            out[j] = e
-        if progress is not None:
-            progress.advance(task, len(items))
-
-    for i, path in enumerate(paths):
-        photo = np.array(read_image(path).rgb_uint8())
-        pending.setdefault(photo.shape, []).append((i, photo))
-        if len(pending[photo.shape]) >= chunk:
-            flush(photo.shape)
-    for shape in list(pending):
-        flush(shape)
-    return torch.stack(out)  # type: ignore[arg-type]
+    (source pixels): the reference anchor's HR condition. Photos are read one at a time and
+    batched by size; (N, D)."""
+    photos = (
+        (np.array(read_image(source_photo_path(prepared_dir, record)).rgb_uint8()), np.asarray(record.landmarks, np.float32))
+        for record in faces.records
+    )
+    on_batch = None if progress is None else (lambda n: progress.advance(task, n))
+    return embedder.embed_photos(photos, chunk, on_batch)
 
 
-def embed_hr(faces: FaceSet, embedder: FaceEmbedder, chunk: int, progress=None, task=None) -> torch.Tensor:
+def embed_hr(faces: FaceSet, embedder: IdentityEmbedder, chunk: int, progress=None, task=None) -> torch.Tensor:
     out = []
     for start in range(0, len(faces.keys), chunk):
         hr = faces.hr[start : start + chunk].float().div_(255.0)
         lm = None if faces.landmarks is None else faces.landmarks[start : start + chunk]
-        out.append(embedder.embed(hr, lm))
+        out.append(embedder.embed_batched(hr, lm))
         if progress is not None:
             progress.advance(task, hr.shape[0])
     return torch.cat(out)
@@ -287,7 +276,7 @@ def embed_hr(faces: FaceSet, embedder: FaceEmbedder, chunk: int, progress=None, 
 # ----------------------------------------------------------------------------- scoring
 
 
-def score_pairs(pairs: list[Pair], index: dict[str, int], emb: torch.Tensor, embedder: FaceEmbedder, score: str) -> np.ndarray:
+def score_pairs(pairs: list[Pair], index: dict[str, int], emb: torch.Tensor, embedder: IdentityEmbedder, score: str) -> np.ndarray:
     """Pair scores (P,) from embeddings: ``distance`` or ``cosine``; NaN where a face is missing."""
     ok = np.array([p.a in index and p.b in index for p in pairs])
     out = np.full(len(pairs), np.nan)
@@ -377,6 +366,116 @@ class SweepResult:
         }
 
 
+def check_sweep_arguments(prepared_dir: Path, systems: list[str], alphas, include_hr: bool, hr_source: str,
+                          threshold_search: str) -> list[float]:
+    """Refuse a sweep that cannot run, with one line; returns the sorted distinct alphas."""
+    if not (prepared_dir / "manifest.csv").is_file():
+        raise SweepError(f"{prepared_dir}: not a prepared set (no manifest.csv; run fsr prepare)")
+    alphas = sorted({float(a) for a in alphas})
+    for a in alphas:
+        if not 0.0 < a <= 1.0:
+            raise SweepError(f"alpha {a} is outside (0, 1]")
+    if not systems and not include_hr:
+        raise SweepError("nothing to evaluate: give at least one --system, or keep the HR reference")
+    if hr_source not in ("crop", "photo"):
+        raise SweepError(f"HR source must be crop or photo, got {hr_source!r}")
+    if threshold_search not in ("grid", "exact"):
+        raise SweepError(f"threshold search must be grid or exact, got {threshold_search!r}")
+    return alphas
+
+
+@dataclass
+class NamedSystem:
+    """An SR system of the sweep: its unique display ``name``, the ``--system`` ``spec`` it was
+    loaded from, and ``cache_id`` (spec plus a fingerprint of its card and weights)."""
+
+    name: str
+    spec: str
+    system: object
+    cache_id: str
+
+
+def load_named_systems(specs: list[str], compute: Compute) -> list[NamedSystem]:
+    """Load every ``--system`` spec; equal names get ``#2``, ``#3``... (never the HR row's name)."""
+    loaded: list[NamedSystem] = []
+    for spec in specs:
+        system = load_sr_system(spec, compute)
+        names = [s.name for s in loaded]
+        base = system.name if system.name not in names and system.name != HR_NAME else spec
+        name, k = base, 2
+        while name in names or name == HR_NAME:
+            name, k = f"{base}#{k}", k + 1
+        loaded.append(NamedSystem(name, spec, system, f"{spec}|{_system_fingerprint(spec, system)}"))
+    return loaded
+
+
+def choose_score(score: str | None, embedder: IdentityEmbedder, face_model: str) -> str:
+    """``distance`` for a Euclidean face model, else ``cosine``, unless asked; distance needs Euclidean."""
+    score = score or ("distance" if embedder.metric == "euclidean" else "cosine")
+    if score == "distance" and embedder.metric != "euclidean":
+        raise SweepError(f"--score distance needs a Euclidean face model; {face_model} is compared by cosine")
+    return score
+
+
+def sweep_fingerprint(prepared_dir: Path, faces: FaceSet, face_model: str, embedder: IdentityEmbedder) -> str:
+    """What makes cached embeddings reusable: face keys, the manifest file and the face model's weights."""
+    manifest = prepared_dir / "manifest.csv"
+    stat = manifest.stat()
+    identity = [faces.keys, str(manifest.resolve()), stat.st_size, stat.st_mtime, face_model, _model_fingerprint(embedder.model)]
+    return hashlib.sha256(json.dumps(identity).encode()).hexdigest()
+
+
+@dataclass
+class PairScorer:
+    """Embeddings (N, D) -> pair scores -> 10-fold verification, for a fixed list of pairs."""
+
+    pairs: list[Pair]
+    index: dict[str, int]
+    embedder: IdentityEmbedder
+    score: str
+    grid: np.ndarray | None
+
+    def verify(self, emb: torch.Tensor) -> VerificationResult:
+        scores = score_pairs(self.pairs, self.index, emb, self.embedder, self.score)
+        same = np.array([p.same for p in self.pairs])
+        fold_ids = np.array([p.fold for p in self.pairs])
+        return kfold_verification(scores, same, fold_ids, higher_is_same=self.score == "cosine", grid=self.grid)
+
+
+def embed_hr_reference(prepared_dir: Path, faces: FaceSet, scorer: PairScorer, cache: EmbeddingCache,
+                       hr_source: str, chunk: int, progress, task) -> VerificationResult:
+    """The alpha-independent HR row: HR crops (``crop``) or the source photos (``photo``), cached."""
+    progress.update(task, description=f"embed HR ({hr_source})")
+    n = len(faces.keys)
+    emb = cache.get(HR_NAME, f"hr-{hr_source}", None, n)
+    if emb is None:
+        if hr_source == "photo":
+            emb = embed_source_photos(prepared_dir, faces, scorer.embedder, min(chunk, 64), progress, task)
+        else:
+            emb = embed_hr(faces, scorer.embedder, chunk, progress, task)
+        cache.put(HR_NAME, f"hr-{hr_source}", None, emb)
+    else:
+        progress.advance(task, n)
+    return scorer.verify(emb)
+
+
+def embed_system_alphas(faces: FaceSet, named: NamedSystem, alphas: list[float], scorer: PairScorer,
+                        cache: EmbeddingCache, chunk: int, progress, task) -> dict[float, VerificationResult]:
+    """One system at every alpha (cached per alpha): alpha -> verification result."""
+    n = len(faces.keys)
+    results = {}
+    for alpha in alphas:
+        progress.update(task, description=f"{named.name} a={alpha:g}")
+        emb = cache.get(named.name, named.cache_id, alpha, n)
+        if emb is None:
+            emb = embed_system(faces, named.system, alpha, scorer.embedder, chunk, progress, task)
+            cache.put(named.name, named.cache_id, alpha, emb)
+        else:
+            progress.advance(task, n)
+        results[alpha] = scorer.verify(emb)
+    return results
+
+
 def run_sweep(
     prepared_dir: str | Path,
     pairs_path: str | Path,
@@ -400,101 +499,36 @@ def run_sweep(
 
     ``baseline``: the system (its --system spec or its name) every other system is compared
     with pair by pair (:meth:`SweepResult.paired`); ignored when it is not among ``systems``."""
-    from fsr.data.manifest import read_manifest
-    from fsr.models.systems import load_sr_system
-
     started = time.perf_counter()
     prepared_dir = Path(prepared_dir)
-    manifest = prepared_dir / "manifest.csv"
-    if not manifest.is_file():
-        raise SweepError(f"{prepared_dir}: not a prepared set (no manifest.csv; run fsr prepare)")
-    alphas = sorted({float(a) for a in alphas})
-    for a in alphas:
-        if not 0.0 < a <= 1.0:
-            raise SweepError(f"alpha {a} is outside (0, 1]")
-    if not systems and not include_hr:
-        raise SweepError("nothing to evaluate: give at least one --system, or keep the HR reference")
-    if hr_source not in ("crop", "photo"):
-        raise SweepError(f"HR source must be crop or photo, got {hr_source!r}")
-    if threshold_search not in ("grid", "exact"):
-        raise SweepError(f"threshold search must be grid or exact, got {threshold_search!r}")
+    alphas = check_sweep_arguments(prepared_dir, systems, alphas, include_hr, hr_source, threshold_search)
     pairs = select_pairs(read_pairs(pairs_path), folds, limit)
     if not pairs:
         raise SweepError(f"{pairs_path}: no pairs selected")
 
-    t0 = time.perf_counter()
-    keys = sorted({k for p in pairs for k in (p.a, p.b)})
-    key_to_record, missing = match_records(keys, read_manifest(prepared_dir))
+    key_to_record, missing = match_records(sorted({k for p in pairs for k in (p.a, p.b)}), read_manifest(prepared_dir))
     faces = load_face_set(prepared_dir, key_to_record, show_progress)
     index = {k: i for i, k in enumerate(faces.keys)}
-    n_failed_pairs = sum(1 for p in pairs if p.a not in index or p.b not in index)
-    t_load = time.perf_counter() - t0
+    t_load = time.perf_counter() - started
 
-    model = load_face_model(face_model, face_weights, compute)
-    embedder = FaceEmbedder(model, compute)
-    score = score or ("distance" if embedder.metric == "euclidean" else "cosine")
-    if score == "distance" and embedder.metric != "euclidean":
-        raise SweepError(f"--score distance needs a Euclidean face model; {face_model} is compared by cosine")
-    higher_is_same = score == "cosine"
-    grid = threshold_grid(score) if threshold_search == "grid" else None
-
-    loaded = []
-    for spec in systems:
-        system = load_sr_system(spec, compute)
-        names = [n for n, _, _ in loaded]
-        base = system.name if system.name not in names and system.name != HR_NAME else spec
-        name, k = base, 2
-        while name in names or name == HR_NAME:
-            name, k = f"{base}#{k}", k + 1
-        loaded.append((name, system, f"{spec}|{_system_fingerprint(spec, system)}"))
-
-    stat = manifest.stat()
-    fingerprint = hashlib.sha256(
-        json.dumps([faces.keys, str(manifest.resolve()), stat.st_size, stat.st_mtime, face_model, _model_fingerprint(model)]).encode()
-    ).hexdigest()
-    cache = EmbeddingCache(Path(cache_dir) if cache_dir else None, fingerprint)
-    same = np.array([p.same for p in pairs])
-    fold_ids = np.array([p.fold for p in pairs])
-
-    def verify(emb: torch.Tensor) -> VerificationResult:
-        scores = score_pairs(pairs, index, emb, embedder, score)
-        return kfold_verification(scores, same, fold_ids, higher_is_same=higher_is_same, grid=grid)
+    embedder = IdentityEmbedder(create_face_model(face_model, weights=face_weights, compute=compute), compute)
+    score = choose_score(score, embedder, face_model)
+    scorer = PairScorer(pairs, index, embedder, score, threshold_grid(score) if threshold_search == "grid" else None)
+    loaded = load_named_systems(systems, compute)
+    cache = EmbeddingCache(Path(cache_dir) if cache_dir else None, sweep_fingerprint(prepared_dir, faces, face_model, embedder))
 
     n = len(faces.keys)
     total = n * (len(loaded) * len(alphas) + (1 if include_hr else 0))
-    results: dict[str, dict[float, VerificationResult]] = {name: {} for name, _, _ in loaded}
-    hr_result = None
     t1 = time.perf_counter()
     with make_progress("face", disable=not show_progress) as progress:
         task = progress.add_task("embed", total=total)
-        if include_hr:
-            progress.update(task, description=f"embed HR ({hr_source})")
-            emb = cache.get(HR_NAME, f"hr-{hr_source}", None, n)
-            if emb is None:
-                if hr_source == "photo":
-                    emb = embed_photos(prepared_dir, faces, embedder, min(chunk, 64), progress, task)
-                else:
-                    emb = embed_hr(faces, embedder, chunk, progress, task)
-                cache.put(HR_NAME, f"hr-{hr_source}", None, emb)
-            else:
-                progress.advance(task, n)
-            hr_result = verify(emb)
-        for name, system, system_id in loaded:
-            for alpha in alphas:
-                progress.update(task, description=f"{name} a={alpha:g}")
-                emb = cache.get(name, system_id, alpha, n)
-                if emb is None:
-                    emb = embed_system(faces, system, alpha, embedder, chunk, progress, task)
-                    cache.put(name, system_id, alpha, emb)
-                else:
-                    progress.advance(task, n)
-                results[name][alpha] = verify(emb)
+        hr_result = embed_hr_reference(prepared_dir, faces, scorer, cache, hr_source, chunk, progress, task) if include_hr else None
+        results = {named.name: embed_system_alphas(faces, named, alphas, scorer, cache, chunk, progress, task) for named in loaded}
     synchronize(compute.device)
     t_embed = time.perf_counter() - t1
-    baseline_name = next((name for name, _, sid in loaded if baseline in (name, sid.split("|")[0])), None)
     return SweepResult(
         alphas=alphas,
-        systems=[name for name, _, _ in loaded],
+        systems=[named.name for named in loaded],
         results=results,
         hr=hr_result,
         face_model=face_model,
@@ -502,14 +536,14 @@ def run_sweep(
         n_pairs=len(pairs),
         n_images=n,
         failed_images=missing,
-        n_failed_pairs=n_failed_pairs,
+        n_failed_pairs=sum(1 for p in pairs if p.a not in index or p.b not in index),
         threshold_search=threshold_search,
         seconds=time.perf_counter() - started,
         timings={"load_faces_s": t_load, "embed_and_score_s": t_embed, "faces_embedded": total,
                  "faces_per_s": total / t_embed if t_embed > 0 else math.nan},
         info={"hr_source": hr_source, "prepared": str(prepared_dir), "pairs_file": str(pairs_path), "device": compute.describe(),
-              "machine": machine_description(), "system_specs": {name: sid.split("|")[0] for name, _, sid in loaded},
-              "baseline": baseline_name},
+              "machine": machine_description(), "system_specs": {named.name: named.spec for named in loaded},
+              "baseline": next((named.name for named in loaded if baseline in (named.name, named.spec)), None)},
     )
 
 
@@ -559,7 +593,7 @@ def alpha_table(result: SweepResult):
     return table
 
 
-def paired_table(result: SweepResult, significance: float = 0.05):
+def sweep_paired_table(result: SweepResult, significance: float = 0.05):
     """Rich table: accuracy difference to the baseline per alpha and system, with the exact
     McNemar p-value; None when there is nothing to compare."""
     from rich.table import Table
@@ -581,6 +615,10 @@ def paired_table(result: SweepResult, significance: float = 0.05):
         table.add_row(f"{a:g}", *cells)
     table.caption = f"pt = percentage points; coloured where p < {significance:g} (green: better than {result.baseline})"
     return table
+
+
+#: Old name (``fsr.evaluate.metrics.paired_table`` is a different table); kept for callers.
+paired_table = sweep_paired_table
 
 
 def plot_sweep(result: SweepResult, path: str | Path) -> Path:

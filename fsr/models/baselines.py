@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fsr.data.degrade import resize_bicubic
+from fsr.core.resize import resize_bicubic
 
 
 class SRCNN(nn.Module):

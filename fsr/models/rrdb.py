@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fsr.data.degrade import resize_bicubic
+from fsr.core.resize import resize_bicubic
 
 
 class ResidualDenseBlock(nn.Module):

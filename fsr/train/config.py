@@ -1,8 +1,13 @@
-"""Typed training configuration: dataclasses, presets, TOML/YAML files and ``--set`` overrides.
+"""Typed training configuration: dataclasses, presets, TOML/YAML/JSON files and ``--set`` overrides.
 
 Resolution order (later wins): preset (``ipfsrgan`` | ``esrgan`` | ``srgan`` | ``srcnn``)
--> config file (TOML or YAML, same section names) -> command-line options -> ``--set
+-> config file (TOML, YAML or JSON, same section names) -> command-line options -> ``--set
 section.key=value`` overrides. The resolved config is saved as ``config.yaml`` in the run dir.
+
+Every value passes through one converter, :func:`convert`, driven by the dataclass field's
+annotation (resolved by ``typing.get_type_hints``): ``Literal[...]`` fields are the allowed
+choices, so a choice is checked in one place whether it comes from a preset, a file, an
+option, an override or a saved ``config.yaml``.
 """
 
 from __future__ import annotations
@@ -10,13 +15,26 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
+import types
 import typing
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import Literal
 
 import yaml
 
-from fsr.train.losses import LOSS_WEIGHT_PRESETS
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+from fsr.models.face import FaceModelName
+from fsr.train.losses import LOSS_WEIGHT_PRESETS, LossWeights
+
+PresetName = Literal["ipfsrgan", "esrgan", "srgan", "srcnn"]
+LossWeightsPreset = Literal["paper", "public-code"]
+Criterion = Literal["l1", "l2"]
+PerceptualNet = Literal["vgg", "identity", "none"]
 
 
 class ConfigError(ValueError):
@@ -27,13 +45,13 @@ class ConfigError(ValueError):
 class ModelConfig:
     """Generator (``arch``: rrdb | srresnet | srcnn) and discriminator sizes."""
 
-    arch: str = "rrdb"
+    arch: Literal["rrdb", "srresnet", "srcnn"] = "rrdb"
     nf: int = 64          # rrdb/srresnet feature channels (srcnn: first layer width n1)
     nb: int = 23          # rrdb blocks / srresnet residual blocks
     gc: int = 32          # rrdb growth channels
     d_nf: int = 64        # discriminator base width (VGG-128: 64)
     init_weights: str = ""  # optional generator init: fsr export .safetensors or BasicSR .pth
-    upsampler: str = "nearest"  # rrdb: nearest (ESRGAN/BasicSR keys) | pixelshuffle (all convs at LR size)
+    upsampler: Literal["nearest", "pixelshuffle"] = "nearest"  # rrdb: nearest (ESRGAN/BasicSR keys) | pixelshuffle (all convs at LR size)
     bicubic_skip: bool = False  # rrdb: learn the residual over the bicubic upsampling
 
     def generator_args(self) -> dict:
@@ -58,29 +76,27 @@ class LossConfig:
     ``vgg_weights``) | identity (the identity network's features) | none.
     """
 
-    weights: str = "paper"
+    weights: LossWeightsPreset = "paper"
     adversarial: float | None = None
     identity: float | None = None
     perceptual: float | None = None
     pixel: float | None = None
-    gan: str = "ragan"               # ragan (Eqs. 2-4) | vanilla (SRGAN) | none
+    gan: Literal["ragan", "vanilla", "none"] = "ragan"            # ragan (Eqs. 2-4) | vanilla (SRGAN) | none
     margin: float = 0.0              # m of Eq. 5
-    perceptual_net: str = "vgg"
+    perceptual_net: PerceptualNet = "vgg"
     perceptual_layers: list[str] = field(default_factory=lambda: ["conv5_4"])
-    perceptual_criterion: str = "l2"  # Eq. 6 squared L2; l1 = public code / ESRGAN
-    pixel_criterion: str = "l1"       # Eq. 7 L1; l2 = SRCNN's MSE
-    id_model: str = "dlib"            # face model of fsr.models.face (dlib | lightcnn | sphereface)
+    perceptual_criterion: Criterion = "l2"  # Eq. 6 squared L2; l1 = public code / ESRGAN
+    pixel_criterion: Criterion = "l1"       # Eq. 7 L1; l2 = SRCNN's MSE
+    id_model: FaceModelName = "dlib"       # face model of fsr.models.face (dlib | lightcnn | sphereface)
     id_weights: str = ""              # checkpoint for lightcnn/sphereface (dlib ships)
     vgg_weights: str = ""             # torchvision VGG19 state dict (vgg19-dcbb9e9d.pth)
 
-    def resolved_weights(self):
-        from fsr.train.losses import LossWeights
-
-        if self.weights not in LOSS_WEIGHT_PRESETS:
-            raise ConfigError(f"loss.weights: unknown preset '{self.weights}' ({' | '.join(LOSS_WEIGHT_PRESETS)})")
+    def resolved_weights(self) -> LossWeights:
+        """λ, γ, η, ξ of Eq. 1: the preset's, overridden by explicit values; 0 for a disabled term."""
         base = LOSS_WEIGHT_PRESETS[self.weights]
-        pick = lambda name: float(getattr(self, name)) if getattr(self, name) is not None else getattr(base, name)  # noqa: E731
-        weights = LossWeights(*(pick(n) for n in ("adversarial", "identity", "perceptual", "pixel")))
+        explicit = {name: float(getattr(self, name)) for name in ("adversarial", "identity", "perceptual", "pixel")
+                    if getattr(self, name) is not None}
+        weights = dataclasses.replace(base, **explicit)
         if self.gan == "none":
             weights = dataclasses.replace(weights, adversarial=0.0)
         if self.perceptual_net == "none":
@@ -111,9 +127,10 @@ class TrainConfig:
     faces_per_identity: int = 2      # each batch is batch_size/faces_per_identity identities
     seed: int = 0
     ema_decay: float = 0.999         # 0 = no EMA
+    ema_warmup: bool = True          # decay min(ema_decay, (1+n)/(10+n)) after n updates
     val_every: int = 5000
     val_faces: int = 256
-    best_metric: str = "psnr"        # psnr | ssim | identity
+    best_metric: Literal["psnr", "ssim", "identity"] = "psnr"      # psnr | ssim | identity
     checkpoint_every: int = 5000
     keep_checkpoints: int = 2
     log_every: int = 100
@@ -125,7 +142,7 @@ class TrainConfig:
 class DataConfig:
     """Where LR faces come from and how batches are made."""
 
-    lr_source: str = "bicubic"       # bicubic (made on the device by fsr.data.degrade) | disk
+    lr_source: Literal["bicubic", "disk"] = "bicubic"     # bicubic (made on the device by fsr.data.degrade) | disk
     flip: bool = True                # random horizontal flips (HR, LR and landmarks together)
     on_device: bool = True           # keep all crops (uint8) on the device: no host->device copies
     val_split: str = "val"           # manifest split used for validation
@@ -133,6 +150,8 @@ class DataConfig:
     max_faces: int = 0               # 0 = all training faces
     alpha_augment: float = 0.0       # fraction of training LR faces further degraded by a random alpha (Sec. V)
     alpha_min: float = 0.1           # smallest alpha drawn: LR side round(32 alpha) uniform in [round(32 alpha_min), 31]
+    scale_augment: float = 0.0       # fraction of batches whose faces are shrunk before the LR is made
+    scale_min: float = 0.5           # smallest shrink: HR side uniform in [128 scale_min, 128], step 4
 
 
 @dataclass
@@ -153,7 +172,7 @@ class ComputeConfig:
 class Config:
     """The whole training configuration."""
 
-    preset: str = "ipfsrgan"
+    preset: PresetName = "ipfsrgan"
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -165,30 +184,22 @@ class Config:
         return asdict(self)
 
     def validate(self) -> "Config":
-        self.model.generator_args()
-        self.loss.resolved_weights()
-        choices = {
-            ("loss", "gan"): ("ragan", "vanilla", "none"),
-            ("loss", "perceptual_net"): ("vgg", "identity", "none"),
-            ("loss", "perceptual_criterion"): ("l1", "l2"),
-            ("loss", "pixel_criterion"): ("l1", "l2"),
-            ("data", "lr_source"): ("bicubic", "disk"),
-            ("train", "best_metric"): ("psnr", "ssim", "identity"),
-        }
-        for (section, key), allowed in choices.items():
-            value = getattr(getattr(self, section), key)
-            if value not in allowed:
-                raise ConfigError(f"{section}.{key}: '{value}' is not one of {' | '.join(allowed)}")
+        """Check every field's type and choices (:func:`convert`) and the ranges; returns self."""
+        for section in fields(self):
+            value = getattr(self, section.name)
+            if dataclasses.is_dataclass(value):
+                apply_mapping(self, {section.name: asdict(value)}, "config")
+        convert(self.preset, _hints(Config)["preset"], "preset")
         if self.train.batch_size < 2:
             raise ConfigError("train.batch_size must be at least 2 (Eq. 5 needs pairs)")
         if not 0.0 <= self.data.alpha_augment <= 1.0:
             raise ConfigError(f"data.alpha_augment must be in [0, 1], got {self.data.alpha_augment}")
+        if not 0.0 <= self.data.scale_augment <= 1.0 or not 0.0 < self.data.scale_min <= 1.0:
+            raise ConfigError("data.scale_augment must be in [0, 1] and data.scale_min in (0, 1]")
         if not 0.0 < self.data.alpha_min < 1.0:
             raise ConfigError(f"data.alpha_min must be in (0, 1), got {self.data.alpha_min}")
         if self.train.faces_per_identity < 1:
             raise ConfigError("train.faces_per_identity must be >= 1")
-        if self.model.arch == "srcnn" and self.loss.resolved_weights().adversarial > 0:
-            pass  # allowed, just unusual
         return self
 
 
@@ -207,49 +218,60 @@ PRESETS: dict[str, dict] = {
 }
 
 
-def _coerce(value, annotation, where: str):
-    """Convert a parsed value to a dataclass field's annotated type."""
-    if isinstance(annotation, str):
-        annotation = eval(annotation, vars(typing) | {"list": list})  # noqa: S307 (our own annotations)
-    origin = typing.get_origin(annotation)
-    args = typing.get_args(annotation)
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+TRUE_WORDS = ("1", "true", "yes", "on")
+FALSE_WORDS = ("0", "false", "no", "off")
+
+
+def _convert_scalar(value, annotation: type):
+    """bool / int / float / str from a parsed value or a string; ValueError or TypeError if it does not fit."""
+    if annotation is bool:
+        if isinstance(value, str):
+            if value.lower() not in TRUE_WORDS + FALSE_WORDS:
+                raise ValueError(value)
+            return value.lower() in TRUE_WORDS
+        return bool(value)
+    if annotation is int:
+        if isinstance(value, float) and not value.is_integer():
+            raise ValueError(value)
+        return int(float(value)) if isinstance(value, str) else int(value)
+    if annotation is float:
+        return float(value)
+    if annotation is str:
+        return "" if value is None else str(value)
+    return value
+
+
+def convert(value, annotation, where: str):
+    """Convert a parsed value to a field's type (from ``typing.get_type_hints``).
+
+    ``X | None`` keeps None; ``list[X]`` also takes a comma-separated string; ``Literal[...]``
+    checks the value is one of the choices. Raises :class:`ConfigError` naming ``where``.
+    """
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0], where)
+        return convert(value, next(a for a in args if a is not type(None)), where)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{where}: '{value}' is not one of {' | '.join(map(str, args))}")
+        return value
     if origin is list:
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where}: expected a list, got {value!r}")
-        return [_coerce(v, args[0] if args else str, where) for v in value]
+        return [convert(v, args[0] if args else str, where) for v in value]
     try:
-        if annotation is bool:
-            if isinstance(value, str):
-                low = value.lower()
-                if low in ("1", "true", "yes", "on"):
-                    return True
-                if low in ("0", "false", "no", "off"):
-                    return False
-                raise ValueError(value)
-            return bool(value)
-        if annotation is int:
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError(value)
-            return int(float(value)) if isinstance(value, str) else int(value)
-        if annotation is float:
-            return float(value)
-        if annotation is str:
-            return "" if value is None else str(value)
+        return _convert_scalar(value, annotation)
     except (TypeError, ValueError):
         raise ConfigError(f"{where}: cannot read {value!r} as {annotation.__name__}") from None
-    return value
 
 
-def _field_types(obj) -> dict:
-    hints = typing.get_type_hints(type(obj))
-    return {f.name: hints[f.name] for f in fields(obj)}
+def _hints(cls: type) -> dict:
+    """Field name -> resolved annotation of a config dataclass."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in fields(cls)}
 
 
 def apply_mapping(config: Config, mapping: dict, source: str) -> Config:
@@ -262,11 +284,11 @@ def apply_mapping(config: Config, mapping: dict, source: str) -> Config:
         target = getattr(config, section)
         if not isinstance(values, dict):
             raise ConfigError(f"{source}: section '{section}' must be a table/mapping")
-        types = _field_types(target)
+        hints = _hints(type(target))
         for key, value in values.items():
-            if key not in types:
-                raise ConfigError(f"{source}: unknown key '{section}.{key}' (known: {', '.join(types)})")
-            setattr(target, key, _coerce(value, types[key], f"{source}: {section}.{key}"))
+            if key not in hints:
+                raise ConfigError(f"{source}: unknown key '{section}.{key}' (known: {', '.join(hints)})")
+            setattr(target, key, convert(value, hints[key], f"{source}: {section}.{key}"))
     return config
 
 
@@ -293,59 +315,61 @@ def apply_override(config: Config, override: str) -> Config:
     return apply_mapping(config, {section: {key: value}}, f"--set {override}")
 
 
+CONFIG_READERS = {
+    ".toml": tomllib.loads,
+    ".yaml": lambda text: yaml.safe_load(text) or {},
+    ".yml": lambda text: yaml.safe_load(text) or {},
+    ".json": json.loads,
+}
+
+
 def load_config_file(path: str | Path) -> dict:
-    """Read a TOML (``.toml``) or YAML (``.yaml``/``.yml``) config file into a mapping."""
+    """Read a TOML (``.toml``), YAML (``.yaml``/``.yml``) or JSON (``.json``) config file into a mapping."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
-    text = path.read_text()
+    reader = CONFIG_READERS.get(path.suffix.lower())
+    if reader is None:
+        raise ConfigError(f"{path}: unknown config format (use {' | '.join(CONFIG_READERS)})")
     try:
-        if path.suffix == ".toml":
-            if sys.version_info >= (3, 11):
-                import tomllib
-            else:  # pragma: no cover
-                import tomli as tomllib
-            data = tomllib.loads(text)
-        elif path.suffix in (".yaml", ".yml"):
-            data = yaml.safe_load(text) or {}
-        elif path.suffix == ".json":
-            data = json.loads(text)
-        else:
-            raise ConfigError(f"{path}: unknown config format (use .toml or .yaml)")
-    except ConfigError:
-        raise
-    except Exception as exc:  # noqa: BLE001
+        data = reader(path.read_text())
+    except Exception as exc:  # noqa: BLE001 (each reader raises its own parse error)
         raise ConfigError(f"{path}: cannot parse ({str(exc).splitlines()[0]})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a table/mapping")
     return data
 
 
-def build_config(preset: str | None = None, config_file: str | Path | None = None,
-                 options: dict | None = None, overrides: list[str] | None = None) -> Config:
-    """Resolve a :class:`Config`: preset -> file -> options ``{"train.steps": 10}`` -> ``--set`` overrides."""
-    file_data = load_config_file(config_file) if config_file else {}
-    preset = preset or file_data.get("preset") or "ipfsrgan"
-    if preset not in PRESETS:
-        raise ConfigError(f"unknown preset '{preset}' ({' | '.join(PRESETS)})")
-    config = Config(preset=preset)
-    apply_mapping(config, PRESETS[preset], f"preset {preset}")
-    if file_data:
-        apply_mapping(config, file_data, str(config_file))
+def merge_options(config: Config, options: dict | None = None, overrides: list[str] | None = None) -> Config:
+    """Apply command-line ``options`` (``{"train.steps": 10}``; None values skipped), then
+    ``--set section.key=value`` ``overrides``, onto ``config``; validate and return it.
+
+    The one merge path of a fresh run (:func:`build_config`) and a resumed one (its saved config).
+    """
     for dotted, value in (options or {}).items():
-        if value is None:
-            continue
-        section, key = dotted.split(".", 1)
-        apply_mapping(config, {section: {key: value}}, f"option {dotted}")
+        if value is not None:
+            section, key = dotted.split(".", 1)
+            apply_mapping(config, {section: {key: value}}, f"option {dotted}")
     for override in overrides or []:
         apply_override(config, override)
     return config.validate()
 
 
+def build_config(preset: str | None = None, config_file: str | Path | None = None,
+                 options: dict | None = None, overrides: list[str] | None = None) -> Config:
+    """Resolve a :class:`Config`: preset -> file -> options ``{"train.steps": 10}`` -> ``--set`` overrides."""
+    file_data = load_config_file(config_file) if config_file else {}
+    preset = convert(preset or file_data.get("preset") or "ipfsrgan", _hints(Config)["preset"], "preset")
+    config = Config(preset=preset)
+    apply_mapping(config, PRESETS[preset], f"preset {preset}")
+    apply_mapping(config, file_data, str(config_file))
+    return merge_options(config, options, overrides)
+
+
 def config_from_dict(data: dict) -> Config:
     """Rebuild a :class:`Config` from :meth:`Config.to_dict` output (e.g. a saved config.yaml)."""
-    config = Config(preset=data.get("preset", "ipfsrgan"))
-    apply_mapping(config, {k: v for k, v in data.items() if k != "preset"}, "saved config")
+    config = Config(preset=convert(data.get("preset", "ipfsrgan"), _hints(Config)["preset"], "saved config: preset"))
+    apply_mapping(config, data, "saved config")
     return config.validate()
 
 

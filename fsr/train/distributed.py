@@ -72,24 +72,6 @@ def barrier(info: DistInfo) -> None:
         dist.barrier()
 
 
-def all_reduce_mean(values: torch.Tensor, info: DistInfo) -> torch.Tensor:
-    """Average a tensor over processes (a copy; the input is left alone)."""
-    if not info.enabled:
-        return values
-    out = values.detach().clone()
-    dist.all_reduce(out, op=dist.ReduceOp.SUM)
-    return out / info.world_size
-
-
-def broadcast_object(obj, info: DistInfo, src: int = 0):
-    """Send a picklable object from ``src`` to every process (e.g. a run-dir decision)."""
-    if not info.enabled:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
-
-
 def cleanup(info: DistInfo) -> None:
     if info.enabled and dist.is_initialized():
         dist.destroy_process_group()

@@ -21,11 +21,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 
 from fsr import __version__
 from fsr.core.batching import make_progress
 from fsr.core.device import Compute, machine_description, precision_name
 from fsr.core.io import atomic_write_text, to_uint8, write_image
+from fsr.core.weights import load_safetensors
 from fsr.data.dataset import (
     FaceArrays,
     FaceBatch,
@@ -38,7 +40,7 @@ from fsr.data.dataset import (
 from fsr.data.degrade import bicubic_up
 from fsr.models.sr import ModelCard, export_sr_model
 from fsr.train.checkpoint import find_latest_checkpoint, save_best, save_checkpoint
-from fsr.train.config import Config, apply_mapping, apply_override, build_config, config_from_dict, dump_config
+from fsr.train.config import Config, build_config, config_from_dict, dump_config, merge_options
 from fsr.train.distributed import DistInfo, barrier, cleanup, init_distributed, local_device
 from fsr.train.losses import IdentityFeatures, PerceptualFeatures
 from fsr.train.step import LossNetworks, SRTrainer
@@ -74,16 +76,7 @@ def resolve_run_config(run_dir: str | Path, *, resume: bool, preset: str | None 
     ``overrides`` (e.g. more steps); otherwise preset -> file -> options -> overrides."""
     saved = Path(run_dir) / "config.yaml"
     if resume and saved.is_file():
-        import yaml
-
-        config = config_from_dict(yaml.safe_load(saved.read_text()))
-        for dotted, value in (options or {}).items():
-            if value is not None:
-                section, key = dotted.split(".", 1)
-                apply_mapping(config, {section: {key: value}}, f"option {dotted}")
-        for override in overrides or []:
-            apply_override(config, override)
-        return config.validate()
+        return merge_options(config_from_dict(yaml.safe_load(saved.read_text())), options, overrides).validate()
     return build_config(preset, config_file, options, overrides)
 
 
@@ -98,6 +91,7 @@ def build_loss_networks(config: Config, compute: Compute, *, for_validation: boo
     identity = None
     if need_identity or for_validation:
         try:
+            # imported here: the face models load only when a run needs the identity network
             from fsr.models.face import create_face_model
 
             model = create_face_model(config.loss.id_model, weights=config.loss.id_weights or None, compute=compute)
@@ -109,6 +103,7 @@ def build_loss_networks(config: Config, compute: Compute, *, for_validation: boo
     perceptual = None
     if weights.perceptual > 0 and config.loss.perceptual_net != "none":
         if config.loss.perceptual_net == "vgg":
+            # imported here: VGG19 is needed only for the perceptual loss
             from fsr.models.vgg import VGG19Features
 
             perceptual = PerceptualFeatures("vgg", VGG19Features.from_checkpoint(config.loss.vgg_weights,
@@ -213,14 +208,16 @@ def _data_summary(arrays: FaceArrays, train_idx: np.ndarray, val_idx: np.ndarray
     }
 
 
-def run_training(data: str | Path, run_dir: str | Path, config: Config, *, resume: bool = False,
-                 export: str | None = None, command: str | None = None) -> TrainResult:
-    """Train per ``config`` on ``data`` (prepared folder or .npz cache), writing into ``run_dir``.
+def run_training(data: str | Path | list, run_dir: str | Path, config: Config, *, resume: bool = False,
+                 export: str | None = None, command: str | None = None, force_export: bool = False) -> TrainResult:
+    """Train per ``config`` on ``data`` (prepared folder(s) or .npz cache), writing into ``run_dir``.
 
     ``resume``: continue from the newest complete checkpoint in ``run_dir`` (exactly: the
     same batches, flips and optimizer state as an uninterrupted run). ``export``: a name
     (written to ``run_dir/export/NAME.safetensors`` + ``.json``) or a path ending in
-    ``.safetensors``. Returns a :class:`TrainResult`.
+    ``.safetensors``; the export is the generator (raw or EMA) that validated best, and is
+    refused when it is below bicubic on the validation split unless ``force_export``.
+    Returns a :class:`TrainResult`.
     """
     run_dir = Path(run_dir)
     cfg = config.validate()
@@ -232,180 +229,260 @@ def run_training(data: str | Path, run_dir: str | Path, config: Config, *, resum
     if cfg.compute.deterministic and compute.device.type == "cuda":
         torch.backends.cudnn.benchmark = False
     try:
-        return _train(data, run_dir, cfg, compute, dist, resume, export, command)
+        run = _open_run(data, run_dir, cfg, compute, dist, resume)
+        final_step, seconds = _train_steps(run)
+        return _finish_run(run, final_step, seconds, export, command, force_export)
     finally:
         cleanup(dist)
 
 
-def _train(data, run_dir: Path, cfg: Config, compute: Compute, dist: DistInfo, resume: bool,
-           export: str | None, command: str | None) -> TrainResult:
-    main = dist.is_main
+@dataclass
+class _Run:
+    """Everything one training run holds between its stages."""
+
+    run_dir: Path
+    cfg: Config
+    compute: Compute
+    dist: DistInfo
+    trainer: SRTrainer
+    losses: LossNetworks
+    batcher: FaceBatcher
+    sampler: IdentityBatchSampler
+    val_batch: FaceBatch | None
+    data_info: dict
+    start_step: int = 0
+    best: dict = field(default_factory=dict)
+    last_metrics: dict = field(default_factory=dict)
+    bicubic_metrics: dict = field(default_factory=dict)
+    writer: object = None
+
+    @property
+    def main(self) -> bool:
+        return self.dist.is_main
+
+    @property
+    def log_path(self) -> Path:
+        return self.run_dir / "log.jsonl"
+
+
+def _open_run(data, run_dir: Path, cfg: Config, compute: Compute, dist: DistInfo, resume: bool) -> _Run:
+    """Plan and load: checkpoints, faces, networks, batchers, logs and the bicubic baseline."""
     ckpt_root = run_dir / CHECKPOINT_DIR
     latest = find_latest_checkpoint(ckpt_root) if resume else None
     if not resume and find_latest_checkpoint(ckpt_root) is not None:
         raise TrainingError(f"{run_dir}: holds checkpoints of an earlier run; pass --resume to continue it "
                             "or choose another --run-dir")
     barrier(dist)
-
     arrays = load_face_arrays(data, with_lr=cfg.data.lr_source == "disk",
-                              splits=("train", cfg.data.val_split), max_faces=0, progress=main and cfg.train.progress)
+                              splits=("train", cfg.data.val_split), max_faces=0, progress=dist.is_main and cfg.train.progress)
     train_idx, val_idx = split_train_val(arrays, cfg.data.val_split, cfg.data.val_fraction, cfg.train.seed)
     if cfg.data.max_faces:
         train_idx = train_idx[: cfg.data.max_faces]
     if len(train_idx) < 2:
         raise TrainingError(f"{data}: only {len(train_idx)} training faces")
-
-    losses = build_loss_networks(cfg, compute, for_validation=main)
+    losses = build_loss_networks(cfg, compute, for_validation=dist.is_main)
     trainer = SRTrainer(cfg, compute, losses, dist)
-    if cfg.model.init_weights and latest is None:
+    run = _Run(run_dir=run_dir, cfg=cfg, compute=compute, dist=dist, trainer=trainer, losses=losses,
+               batcher=_train_batcher(arrays, train_idx, cfg, compute, trainer, dist),
+               sampler=None, val_batch=None, data_info=_data_summary(arrays, train_idx, val_idx))
+    run.sampler = IdentityBatchSampler(run.batcher.identity_np, cfg.train.batch_size, cfg.train.faces_per_identity,
+                                       seed=cfg.train.seed, rank=dist.rank)
+    _restore_state(run, latest)
+    if run.main and len(val_idx):
+        n_val = min(cfg.train.val_faces or len(val_idx), len(val_idx))
+        chosen = val_idx[np.linspace(0, len(val_idx) - 1, n_val).round().astype(int)]  # spread over all parts
+        run.val_batch = FaceBatcher(arrays, chosen, compute.device, lr_source=cfg.data.lr_source, flip=False,
+                                    on_device=True).all_faces()
+    if run.main:
+        _open_logs(run)
+    if run.val_batch is not None:
+        run.bicubic_metrics, _ = evaluate_generator(None, run.val_batch, compute, losses.identity)
+    return run
+
+
+def _train_batcher(arrays: FaceArrays, train_idx: np.ndarray, cfg: Config, compute: Compute, trainer: SRTrainer,
+                   dist: DistInfo) -> FaceBatcher:
+    return FaceBatcher(arrays, train_idx, compute.device, lr_source=cfg.data.lr_source, flip=cfg.data.flip,
+                       on_device=cfg.data.on_device, channels_last=trainer.channels_last,
+                       alpha_augment=cfg.data.alpha_augment, alpha_min=cfg.data.alpha_min,
+                       scale_augment=cfg.data.scale_augment, scale_min=cfg.data.scale_min,
+                       seed=cfg.train.seed, rank=dist.rank)
+
+
+def _restore_state(run: _Run, latest) -> None:
+    """Initial weights (``model.init_weights``) for a new run, or the checkpoint's state on resume."""
+    trainer = run.trainer
+    if run.cfg.model.init_weights and latest is None:
+        # imported here: fsr.models.systems pulls in the face models, needed only for this option
         from fsr.models.systems import load_generator_file
 
-        init_model, _ = load_generator_file(cfg.model.init_weights)
+        init_model, _ = load_generator_file(run.cfg.model.init_weights)
         trainer.generator.load_state_dict(init_model.state_dict())
         if trainer.ema is not None:
             trainer.ema.load_state_dict(init_model.state_dict())
+    if latest is None:
+        return
+    state = latest.load_state()
+    trainer.load(latest.load_models(), state)
+    run.start_step = int(state["step"])
+    best = dict(state.get("best") or {})
+    run.best = {k: (float(v) if isinstance(v, (int, float)) else v) for k, v in best.items()}
+    run.last_metrics = dict(run.best.get("metrics", {}))
 
-    start_step = 0
-    best: dict = {}
-    if latest is not None:
-        state = latest.load_state()
-        trainer.load(latest.load_models(), state)
-        start_step = int(state["step"])
-        best = dict(state.get("best") or {})
-        best = {k: (float(v) if isinstance(v, (int, float)) else v) for k, v in best.items()}
 
-    on_device = cfg.data.on_device
-    batcher = FaceBatcher(arrays, train_idx, compute.device, lr_source=cfg.data.lr_source, flip=cfg.data.flip,
-                          on_device=on_device, channels_last=trainer.channels_last,
-                          alpha_augment=cfg.data.alpha_augment, alpha_min=cfg.data.alpha_min,
-                          seed=cfg.train.seed, rank=dist.rank)
-    sampler = IdentityBatchSampler(batcher.identity_np, cfg.train.batch_size, cfg.train.faces_per_identity,
-                                   seed=cfg.train.seed, rank=dist.rank)
-    val_batch = None
-    if main and len(val_idx):
-        val_batcher = FaceBatcher(arrays, val_idx[: cfg.train.val_faces] if cfg.train.val_faces else val_idx,
-                                  compute.device, lr_source=cfg.data.lr_source, flip=False, on_device=True)
-        val_batch = val_batcher.all_faces()
+def _open_logs(run: _Run) -> None:
+    """config.yaml, log.jsonl cut back to the resumed step, and TensorBoard (rank 0 only)."""
+    run.run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run.run_dir / "config.yaml", dump_config(run.cfg))
+    _truncate_log(run.log_path, run.start_step)
+    try:
+        # imported here: TensorBoard is optional and slow to import
+        from torch.utils.tensorboard import SummaryWriter
 
-    log_path = run_dir / "log.jsonl"
-    writer = None
-    data_info = _data_summary(arrays, train_idx, val_idx)
-    if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
-        _truncate_log(log_path, start_step)
-        try:
-            from torch.utils.tensorboard import SummaryWriter
+        run.writer = SummaryWriter(str(run.run_dir / "tb"), purge_step=run.start_step or None)
+    except Exception as exc:  # noqa: BLE001
+        warnings.warn(f"TensorBoard logging off: {exc}", stacklevel=2)
 
-            writer = SummaryWriter(str(run_dir / "tb"), purge_step=start_step or None)
-        except Exception as exc:  # noqa: BLE001
-            warnings.warn(f"TensorBoard logging off: {exc}", stacklevel=2)
-    bicubic_metrics: dict = {}
-    if val_batch is not None:
-        bicubic_metrics, _ = evaluate_generator(None, val_batch, compute, losses.identity)
 
-    last_metrics: dict = dict(best.get("metrics", {})) if best else {}
-    total_steps = cfg.train.steps
-    running: dict[str, list[torch.Tensor]] = {}
-    t0 = time.perf_counter()
-    tick_time, tick_step = t0, start_step
-    step = start_step
-
-    def checkpoint(at_step: int) -> None:
-        if main:
-            save_checkpoint(ckpt_root, at_step, trainer.model_states(),
-                            {**trainer.optimizer_state(), "best": best}, keep=cfg.train.keep_checkpoints)
-        barrier(dist)
-
-    def validate(at_step: int) -> None:
-        nonlocal last_metrics, best
-        if not main or val_batch is None:
-            return
-        metrics, sr = evaluate_generator(trainer.inference_generator(), val_batch, compute, losses.identity)
-        last_metrics = metrics
-        _log_line(log_path, {"step": at_step, "kind": "val", **metrics, "bicubic": bicubic_metrics})
-        if writer is not None:
-            for key, value in metrics.items():
-                writer.add_scalar(f"val/{key}", value, at_step)
-            for key, value in bicubic_metrics.items():
-                writer.add_scalar(f"val/bicubic_{key}", value, at_step)
-        key = cfg.train.best_metric if cfg.train.best_metric in metrics else "psnr"
-        if not best or metrics[key] > best.get("value", -float("inf")):
-            best = {"step": at_step, "metric": key, "value": metrics[key], "metrics": metrics}
-            save_best(run_dir, trainer.inference_generator().state_dict(), {**best, "bicubic": bicubic_metrics})
-
-    def sample(at_step: int) -> None:
-        if not main or val_batch is None:
-            return
-        n = min(8, val_batch.lr.shape[0])
-        head = FaceBatch(val_batch.lr[:n], val_batch.hr[:n], val_batch.landmarks[:n], val_batch.identity[:n])
-        _, sr = evaluate_generator(trainer.inference_generator(), head, compute, None)
-        grid = sample_grid(head, sr, n)
-        write_image(run_dir / "samples" / f"step_{at_step:08d}.png", grid)
-        if writer is not None:
-            writer.add_image("samples/bicubic_sr_hr", grid, at_step, dataformats="HWC")
-
-    interrupted = False
-    progress = make_progress("it", disable=not (main and cfg.train.progress))
+def _train_steps(run: _Run) -> tuple[int, float]:
+    """The step loop: train, log, validate, sample, checkpoint. Returns (final step, seconds)."""
+    cfg, total_steps = run.cfg, run.cfg.train.steps
+    meter = _RateMeter(run.start_step)
+    progress = make_progress("it", disable=not (run.main and cfg.train.progress))
+    step = run.start_step
     try:
         with progress:
-            task = progress.add_task("train", total=total_steps, completed=start_step)
-            threaded = not (on_device and compute.device.type == "cuda")
-            for step, batch in Prefetcher(batcher, sampler, start_step, total_steps, threaded=threaded):
-                logs = trainer.train_step(batch, step)
-                for key, value in logs.items():
-                    running.setdefault(key, []).append(value)
+            task = progress.add_task("train", total=total_steps, completed=run.start_step)
+            threaded = not (cfg.data.on_device and run.compute.device.type == "cuda")
+            for step, batch in Prefetcher(run.batcher, run.sampler, run.start_step, total_steps, threaded=threaded):
+                meter.add(run.trainer.train_step(batch, step))
                 done = step + 1
                 progress.advance(task)
                 if done % cfg.train.log_every == 0 or done == total_steps:
-                    means = {k: float(torch.stack(v).float().mean()) for k, v in running.items()}
-                    running.clear()
-                    now = time.perf_counter()
-                    rate = (done - tick_step) / max(now - tick_time, 1e-9)
-                    tick_time, tick_step = now, done
-                    if main:
-                        lr_now = trainer.opt_g.param_groups[0]["lr"]
-                        _log_line(log_path, {"step": done, "kind": "train", "lr": lr_now, "it_per_s": rate, **means})
-                        if writer is not None:
-                            for key, value in means.items():
-                                writer.add_scalar(f"train/{key}", value, done)
-                            writer.add_scalar("train/lr", lr_now, done)
-                            writer.add_scalar("train/it_per_s", rate, done)
-                        shown = " ".join(f"{k[2:] if k.startswith('l_') else k}={v:.4g}" for k, v in means.items()
-                                         if k.startswith("l_"))
-                        progress.update(task, description=f"train {shown}")
-                if cfg.train.val_every and (done % cfg.train.val_every == 0 or done == total_steps):
-                    validate(done)
-                if cfg.train.sample_every and (done % cfg.train.sample_every == 0 or done == total_steps):
-                    sample(done)
-                if cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0 and done != total_steps:
-                    checkpoint(done)
-            step = max(start_step, total_steps)
+                    shown = _log_train(run, done, meter.flush(done))
+                    progress.update(task, description=f"train {shown}")
+                _after_step(run, done, total_steps)
     except KeyboardInterrupt:
-        interrupted = True
-        step = step if step > start_step else start_step
-    seconds = time.perf_counter() - t0
-    final_step = max(start_step, min(total_steps, step if interrupted else total_steps))
-    if not interrupted and final_step > start_step:
-        checkpoint(final_step)
-    if writer is not None:
-        writer.close()
-    if interrupted:
-        raise TrainingError(f"interrupted at step {step}; resume with --resume --run-dir {run_dir}")
+        if run.writer is not None:
+            run.writer.close()
+        raise TrainingError(f"interrupted at step {max(step, run.start_step)}; "
+                            f"resume with --resume --run-dir {run.run_dir}") from None
+    seconds = meter.seconds()
+    final_step = max(run.start_step, total_steps)
+    if final_step > run.start_step:
+        _checkpoint(run, final_step)
+    if run.writer is not None:
+        run.writer.close()
+    return final_step, seconds
 
+
+def _after_step(run: _Run, done: int, total_steps: int) -> None:
+    cfg = run.cfg.train
+    if cfg.val_every and (done % cfg.val_every == 0 or done == total_steps):
+        _validate(run, done)
+    if cfg.sample_every and (done % cfg.sample_every == 0 or done == total_steps):
+        _sample(run, done)
+    if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done != total_steps:
+        _checkpoint(run, done)
+
+
+class _RateMeter:
+    """Running means of the step's loss terms and the step rate between log lines."""
+
+    def __init__(self, start_step: int) -> None:
+        self.t0 = self.tick_time = time.perf_counter()
+        self.tick_step = start_step
+        self.values: dict[str, list[torch.Tensor]] = {}
+
+    def add(self, logs: dict[str, torch.Tensor]) -> None:
+        for key, value in logs.items():
+            self.values.setdefault(key, []).append(value)
+
+    def flush(self, done: int) -> dict:
+        means = {k: float(torch.stack(v).float().mean()) for k, v in self.values.items()}
+        self.values.clear()
+        now = time.perf_counter()
+        means["it_per_s"] = (done - self.tick_step) / max(now - self.tick_time, 1e-9)
+        self.tick_time, self.tick_step = now, done
+        return means
+
+    def seconds(self) -> float:
+        return time.perf_counter() - self.t0
+
+
+def _log_train(run: _Run, done: int, means: dict) -> str:
+    """One ``train`` line in log.jsonl and TensorBoard; returns the loss terms for the progress bar."""
+    if run.main:
+        lr_now = run.trainer.opt_g.param_groups[0]["lr"]
+        _log_line(run.log_path, {"step": done, "kind": "train", "lr": lr_now, **means})
+        if run.writer is not None:
+            for key, value in means.items():
+                run.writer.add_scalar(f"train/{key}", value, done)
+            run.writer.add_scalar("train/lr", lr_now, done)
+    return " ".join(f"{k[2:]}={v:.4g}" for k, v in means.items() if k.startswith("l_"))
+
+
+def _checkpoint(run: _Run, at_step: int) -> None:
+    if run.main:
+        save_checkpoint(run.run_dir / CHECKPOINT_DIR, at_step, run.trainer.model_states(),
+                        {**run.trainer.optimizer_state(), "best": run.best}, keep=run.cfg.train.keep_checkpoints)
+    barrier(run.dist)
+
+
+def _validate(run: _Run, at_step: int) -> None:
+    """Validate the raw and the EMA generator; keep the better one in ``best/`` when it beats the best so far."""
+    if not run.main or run.val_batch is None:
+        return
+    results = {name: evaluate_generator(net, run.val_batch, run.compute, run.losses.identity)[0]
+               for name, net in run.trainer.candidate_generators().items()}
+    key = run.cfg.train.best_metric if run.cfg.train.best_metric in results["generator"] else "psnr"
+    winner = max(results, key=lambda name: results[name][key])
+    run.last_metrics = {**results[winner], "weights_of": winner}
+    _log_line(run.log_path, {"step": at_step, "kind": "val", **results[winner], "weights_of": winner,
+                             "candidates": results, "bicubic": run.bicubic_metrics})
+    if run.writer is not None:
+        for name, metrics in results.items():
+            for metric, value in metrics.items():
+                run.writer.add_scalar(f"val/{name}/{metric}", value, at_step)
+        for metric, value in run.bicubic_metrics.items():
+            run.writer.add_scalar(f"val/bicubic/{metric}", value, at_step)
+    if not run.best or results[winner][key] > run.best.get("value", -float("inf")):
+        run.best = {"step": at_step, "metric": key, "value": results[winner][key], "metrics": results[winner],
+                    "weights_of": winner}
+        state = run.trainer.candidate_generators()[winner].state_dict()
+        save_best(run.run_dir, state, {**run.best, "bicubic": run.bicubic_metrics})
+
+
+def _sample(run: _Run, at_step: int) -> None:
+    if not run.main or run.val_batch is None:
+        return
+    vb = run.val_batch
+    n = min(8, vb.lr.shape[0])
+    head = FaceBatch(vb.lr[:n], vb.hr[:n], vb.landmarks[:n], vb.identity[:n])
+    _, sr = evaluate_generator(run.trainer.inference_generator(), head, run.compute, None)
+    grid = sample_grid(head, sr, n)
+    write_image(run.run_dir / "samples" / f"step_{at_step:08d}.png", grid)
+    if run.writer is not None:
+        run.writer.add_image("samples/bicubic_sr_hr", grid, at_step, dataformats="HWC")
+
+
+def _finish_run(run: _Run, final_step: int, seconds: float, export: str | None, command: str | None,
+                force_export: bool) -> TrainResult:
+    """DDP consistency check, the result, and the export (rank 0)."""
+    dist = run.dist
     if dist.enabled:
-        in_sync = replicas_in_sync(trainer, dist)
-        if main:
-            _log_line(log_path, {"step": final_step, "kind": "ddp", "world_size": dist.world_size,
-                                 "replicas_in_sync": in_sync})
+        in_sync = replicas_in_sync(run.trainer, dist)
+        if run.main:
+            _log_line(run.log_path, {"step": final_step, "kind": "ddp", "world_size": dist.world_size,
+                                     "replicas_in_sync": in_sync})
         if not in_sync:
             warnings.warn("DDP replicas hold different generator weights at the end of training", stacklevel=2)
-    result = TrainResult(run_dir=run_dir, step=final_step, start_step=start_step, metrics=last_metrics,
-                         best=best, bicubic=bicubic_metrics, seconds=seconds,
-                         steps_per_second=(final_step - start_step) / seconds if seconds > 0 else 0.0)
-    if export and main:
-        result.export = export_trained_generator(trainer, cfg, export, run_dir, final_step, last_metrics,
-                                                 bicubic_metrics, data_info, compute, dist, command)
+    done = final_step - run.start_step
+    result = TrainResult(run_dir=run.run_dir, step=final_step, start_step=run.start_step, metrics=run.last_metrics,
+                         best=run.best, bicubic=run.bicubic_metrics, seconds=seconds,
+                         steps_per_second=done / seconds if seconds > 0 and done > 0 else 0.0)
+    if export and run.main:
+        result.export = export_trained_generator(run, export, final_step, command, force_export)
     barrier(dist)
     return result
 
@@ -431,30 +508,57 @@ def export_path(export: str, run_dir: Path) -> Path:
     return run_dir / "export" / f"{export}.safetensors"
 
 
-def export_trained_generator(trainer: SRTrainer, cfg: Config, export: str, run_dir: Path, step: int,
-                             metrics: dict, bicubic: dict, data_info: dict, compute: Compute, dist: DistInfo,
-                             command: str | None) -> tuple[Path, Path]:
-    """Export G (EMA when enabled) with its model card."""
-    generator = trainer.inference_generator()
+def chosen_export(run: _Run) -> tuple[dict[str, torch.Tensor], str, dict]:
+    """The generator to export: the best validated one in ``best/`` (raw or EMA), else the
+    inference generator. Returns (state dict, which weights, its validation metrics)."""
+    best_file = run.run_dir / "best" / "generator.safetensors"
+    if run.best and best_file.is_file():
+        return load_safetensors(best_file), run.best.get("weights_of", "generator_ema"), dict(run.best["metrics"])
+    name = "generator_ema" if run.trainer.ema is not None else "generator"
+    return run.trainer.inference_generator().state_dict(), name, dict(run.last_metrics)
+
+
+def check_against_bicubic(metrics: dict, bicubic: dict, force: bool) -> None:
+    """Refuse (TrainingError) an export whose validation PSNR or SSIM is below bicubic's, unless ``force``."""
+    if not metrics or not bicubic:
+        warnings.warn("no validation split: the export is not checked against bicubic", stacklevel=2)
+        return
+    worse = [f"{k} {metrics[k]:.4f} < bicubic {bicubic[k]:.4f}" for k in ("psnr", "ssim")
+             if k in metrics and k in bicubic and metrics[k] < bicubic[k]]
+    if worse and not force:
+        raise TrainingError("export refused: the model is below bicubic on its validation split ("
+                            + ", ".join(worse) + "); train longer, or pass --force to export it anyway")
+    if worse:
+        warnings.warn("exporting a model below bicubic (--force): " + ", ".join(worse), stacklevel=2)
+
+
+def export_trained_generator(run: _Run, export: str, step: int, command: str | None,
+                             force: bool = False) -> tuple[Path, Path]:
+    """Export the best validated generator with its model card (refused below bicubic unless ``force``)."""
+    cfg, trainer = run.cfg, run.trainer
+    tensors, weights_of, metrics = chosen_export(run)
+    check_against_bicubic(metrics, run.bicubic_metrics, force)
+    out_path = export_path(export, run.run_dir)
     card = ModelCard(
         architecture=cfg.model.arch,
-        arch_args=dict(getattr(generator, "arch_args", cfg.model.generator_args())),
+        arch_args=dict(getattr(trainer.generator, "arch_args", cfg.model.generator_args())),
         scale=4,
-        name=export_path(export, run_dir).stem,
+        name=out_path.stem,
         input_size=32,
         output_size=128,
-        training_data=data_info,
-        metrics={"validation": metrics, "bicubic": bicubic},
+        training_data=run.data_info,
+        metrics={"validation": metrics, "bicubic": run.bicubic_metrics},
         extra={
-            "weights_of": "generator_ema" if trainer.ema is not None else "generator",
+            "weights_of": weights_of,
+            "best_step": run.best.get("step", step) if run.best else step,
             "preset": cfg.preset,
             "steps": step,
             "config": cfg.to_dict(),
             "command": command if command is not None else " ".join(sys.argv),
-            "hardware": {"machine": machine_description(), "compute": compute.describe(),
-                         "precision": precision_name(compute.dtype), "processes": dist.world_size},
+            "hardware": {"machine": machine_description(), "compute": run.compute.describe(),
+                         "precision": precision_name(run.compute.dtype), "processes": run.dist.world_size},
             "fsr_version": __version__,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         },
     )
-    return export_sr_model(generator.state_dict(), export_path(export, run_dir), card)
+    return export_sr_model(tensors, out_path, card)

@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fsr.models.face.identity import IdentityEmbedder
+
 
 @dataclass(frozen=True)
 class LossWeights:
@@ -148,34 +150,8 @@ def pixel_loss(sr: torch.Tensor, hr: torch.Tensor, criterion: str = "l1") -> tor
 
 # --- feature networks -----------------------------------------------------------------------
 
-class IdentityFeatures(nn.Module):
-    """F of Eq. 5 around a face model of interface C (``fsr.models.face``), frozen.
-
-    ``embed(images (N,3,H,W) [0,1], landmarks (N,5,2) | None) -> (N, D)`` unit vectors via
-    ``model.normalize`` (for dlib: centred on the mean descriptor first, so that different
-    people are not all at cosine 0.83). ``features(...)`` -> the model's intermediate maps
-    (the offline perceptual loss, ``--perceptual identity``).
-    """
-
-    def __init__(self, face_model: nn.Module) -> None:
-        super().__init__()
-        self.model = face_model
-        self.model.eval()
-        for p in self.model.parameters():
-            p.requires_grad_(False)
-
-    def train(self, mode: bool = True) -> "IdentityFeatures":
-        return super().train(False)
-
-    def raw(self, images: torch.Tensor, landmarks: torch.Tensor | None = None) -> torch.Tensor:
-        """(N, D) float32 embeddings as the model outputs them (dlib: 128-D descriptors)."""
-        return self.model(images, landmarks=landmarks).float()
-
-    def embed(self, images: torch.Tensor, landmarks: torch.Tensor | None = None) -> torch.Tensor:
-        return self.model.normalize(self.raw(images, landmarks))
-
-    def features(self, images: torch.Tensor, landmarks: torch.Tensor | None = None) -> list[torch.Tensor]:
-        return list(self.model.features(images, landmarks=landmarks))
+#: F of Eq. 5: the one identity stack (``embed`` -> (N, D) unit vectors, ``raw``, ``features``).
+IdentityFeatures = IdentityEmbedder
 
 
 class PerceptualFeatures(nn.Module):

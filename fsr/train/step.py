@@ -184,11 +184,23 @@ class SRTrainer:
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
                 self.sched_d.step()
-        self.update_ema()
+        self.update_ema(step)
         return logs
 
+    def ema_decay_at(self, step: int) -> float:
+        """EMA decay after ``step`` + 1 updates: ``min(decay, (1 + n) / (10 + n))``.
+
+        The warm-up (timm's ModelEmaV2 / Polyak averaging with a step-dependent decay) makes the
+        average follow the early, fast-changing weights instead of staying near the random
+        initialisation for ~1/(1 - decay) steps, so a short run never ends with a dead EMA copy.
+        """
+        n = step + 1
+        decay = self.config.train.ema_decay
+        return min(decay, (1.0 + n) / (10.0 + n)) if self.config.train.ema_warmup else decay
+
     @torch.no_grad()
-    def update_ema(self) -> None:
+    def update_ema(self, step: int) -> None:
+        """Move the EMA copy of G towards G by ``1 - ema_decay_at(step)`` (buffers are copied)."""
         if self.ema is None:
             return
         if self._ema_pairs is None:
@@ -198,13 +210,20 @@ class SRTrainer:
             g_b = [b for b in self.generator.buffers() if b.dtype.is_floating_point]
             self._ema_pairs = (ema_p, g_p, ema_b, g_b)
         ema_p, g_p, ema_b, g_b = self._ema_pairs
-        torch._foreach_lerp_(ema_p, g_p, 1.0 - self.config.train.ema_decay)
+        torch._foreach_lerp_(ema_p, g_p, 1.0 - self.ema_decay_at(step))
         if ema_b:
             torch._foreach_copy_(ema_b, g_b)
 
     def inference_generator(self) -> nn.Module:
-        """The generator to validate and export: the EMA copy when enabled."""
+        """The EMA copy when enabled, else G (what sample grids show)."""
         return self.ema if self.ema is not None else self.generator
+
+    def candidate_generators(self) -> dict[str, nn.Module]:
+        """The generators that validation compares: ``generator`` and, with EMA, ``generator_ema``."""
+        out = {"generator": self.generator}
+        if self.ema is not None:
+            out["generator_ema"] = self.ema
+        return out
 
     # --- state ------------------------------------------------------------------------------
 

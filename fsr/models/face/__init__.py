@@ -1,8 +1,12 @@
 """Face recognition models behind one interface (interface C).
 
-    from fsr.models.face import create_face_model, FACE_MODELS
-    model = create_face_model("dlib" | "sphereface" | "lightcnn", weights=None, compute=None)
+    from fsr.models.face import create_face_model, IdentityEmbedder
+    model = create_face_model("dlib" | "sphereface" | "lightcnn", weights=None, compute=compute)
     emb = model(images (N, 3, H, W) RGB in [0, 1], landmarks (N, 5, 2) | None)  # (N, D) float32
+    embedder = IdentityEmbedder(model)   # the identity stack of training and evaluation
+
+``create_face_model`` is the one entry point by name; ``FACE_MODELS`` the one registry and
+``FaceModelName`` its names as a type (the training config's ``loss.id_model``).
 
 Each model is a frozen, eval-mode ``nn.Module`` on the compute core's device that aligns
 faces to its own 5-point template (differentiably, so gradients reach ``images``), applies
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from typing import Literal, get_args
 
 from fsr.core.device import Compute
 from fsr.core.weights import WeightsError, find_weights, load_safetensors
@@ -33,11 +38,16 @@ from fsr.models.face.base import (
     missing_weights_message,
 )
 from fsr.models.face.dlib_resnet import DlibResNet
+from fsr.models.face.identity import DEFAULT_THRESHOLDS, IdentityEmbedder
 from fsr.models.face.lightcnn import LightCNN29v2
 from fsr.models.face.sphereface import SphereFace20a
 
 __all__ = [
+    "DEFAULT_THRESHOLDS",
     "FACE_MODELS",
+    "FaceModelError",
+    "FaceModelName",
+    "IdentityEmbedder",
     "FaceModel",
     "FaceModelSpec",
     "FaceWeightsNotFoundError",
@@ -48,11 +58,18 @@ __all__ = [
 ]
 
 
+FaceModelName = Literal["dlib", "sphereface", "lightcnn"]
+
+
+class FaceModelError(ValueError):
+    """An unknown face model name."""
+
+
 def _load_dlib(model: DlibResNet, weights: str | os.PathLike | None) -> None:
     path = find_weights(model.spec.weights_file, weights)
     if path is None:
         raise FaceWeightsNotFoundError(
-            missing_weights_message(model.spec, weights) + " (re-create it: python -m fsr.models.face.convert_dlib)"
+            missing_weights_message(model.spec, weights) + " (re-create it: python tools/convert_dlib.py)"
         )
     state = load_safetensors(path)
     expected = model.state_dict()
@@ -75,6 +92,7 @@ FACE_MODELS: dict[str, tuple[type[FaceModel], Callable]] = {
     "sphereface": (SphereFace20a, _load_sphereface),
     "lightcnn": (LightCNN29v2, _load_lightcnn),
 }
+assert set(FACE_MODELS) == set(get_args(FaceModelName)), "FaceModelName must list the registry's names"
 
 
 def create_face_model(
@@ -83,13 +101,13 @@ def create_face_model(
     """Build face model ``name`` with its weights, frozen, in eval mode, on ``compute.device``.
 
     weights: an explicit file (``--weights``); None -> the model's published file name looked
-    up in $FSR_WEIGHTS_DIR, weights/, ~/.cache/fsr/weights. compute: None -> ``Compute.create()``.
-    Raises ValueError for an unknown name, :class:`FaceWeightsNotFoundError` (a
+    up in $FSR_WEIGHTS_DIR, weights/, ~/.cache/fsr/weights. compute: None -> ``Compute.default()``.
+    Raises :class:`FaceModelError` (a ValueError) for an unknown name, :class:`FaceWeightsNotFoundError` (a
     FileNotFoundError and WeightsError) for a missing file, WeightsError for a wrong one.
     """
     key = name.strip().lower()
     if key not in FACE_MODELS:
-        raise ValueError(f"unknown face model '{name}' (expected {' | '.join(FACE_MODELS)})")
+        raise FaceModelError(f"unknown face model '{name}' (expected {' | '.join(FACE_MODELS)})")
     cls, loader = FACE_MODELS[key]
     model = cls()
     loader(model, weights)

@@ -102,8 +102,10 @@ class FaceModel(nn.Module):
         return self.eval()
 
     def place(self, compute: Compute | None) -> "FaceModel":
-        """Move to the compute core's device (weights stay fp32; autocast gives the precision)."""
-        self.compute = compute or Compute.create()
+        """Move to the compute core's device (weights stay fp32; autocast gives the precision).
+
+        None -> :meth:`Compute.default` (the CPU in fp32)."""
+        self.compute = compute or Compute.default()
         return self.to(self.compute.device)
 
     def align(self, images: torch.Tensor, landmarks: torch.Tensor | None = None) -> torch.Tensor:

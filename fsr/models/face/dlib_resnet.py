@@ -2,7 +2,7 @@
 
 128-D descriptors; dlib's rule is "same person" when the Euclidean distance is < 0.6.
 Weights ship as ``weights/dlib_resnet_v1.safetensors`` (made by
-``python -m fsr.models.face.convert_dlib``), with a mean descriptor for centring.
+``python -m tools.convert_dlib``), with a mean descriptor for centring.
 
 Architecture (dlib's ``dnn_face_recognition_ex.cpp``), with three traps a straight ResNet
 port gets wrong:
@@ -27,7 +27,7 @@ DLIB_WEIGHTS_FILE = "dlib_resnet_v1.safetensors"
 
 # MTCNN 5-point template in 150x150 chip pixels (left eye, right eye, nose tip, mouth
 # left, mouth right) that reproduces dlib's get_face_chip(size=150, padding=0.25).
-# Fitted by ``python -m fsr.models.face.fit_dlib_template`` (least squares over the LFW
+# Fitted by ``python -m tools.fit_dlib_template`` (least squares over the LFW
 # images that have both dlib chips and MTCNN landmarks in ../shared/data/reference).
 DLIB_MTCNN_TEMPLATE = (
     (48.1515, 46.3753),
@@ -136,37 +136,3 @@ class DlibResNet(FaceModel):
         """Centre by the shipped mean descriptor, then L2-normalise: raw dlib descriptors share
         a large common component (same/different-pair cosines 0.95/0.83 raw, 0.71/0.00 centred)."""
         return F.normalize(embeddings.float() - self.mean_descriptor.to(embeddings.device), dim=-1)
-
-
-def dlib_state_dict_from_dat(network) -> dict[str, torch.Tensor]:
-    """Map a parsed :class:`~fsr.models.face.dlib_format.DlibNetwork` onto DlibResNet's keys.
-
-    Checks the layer sequence against the fixed architecture while doing so.
-    """
-    model = DlibResNet()
-    convs = [l for l in network.layers if l.kind == "con"]
-    affines = [l for l in network.layers if l.kind == "affine"]
-    fcs = [l for l in network.layers if l.kind == "fc"]
-    conv_modules = [model.conv1] + [m for s in model.stages for b in s for m in (b.conv1, b.conv2)]
-    affine_modules = [model.affine1] + [m for s in model.stages for b in s for m in (b.affine1, b.affine2)]
-    if len(convs) != len(conv_modules) or len(affines) != len(affine_modules) or len(fcs) != 1:
-        raise ValueError(
-            f"layer counts differ from dlib ResNet v1: {len(convs)} con, {len(affines)} affine, {len(fcs)} fc"
-        )
-    state: dict[str, torch.Tensor] = {}
-    names = {id(m): n for n, m in model.named_modules()}
-    for layer, module in zip(convs, conv_modules):
-        f = layer.fields
-        expect = (module.stride[0], module.padding[0], module.kernel_size[0])
-        got = (f["stride_y"], f["padding_y"], f["nr"])
-        if expect != got or tuple(layer.tensors["weight"].shape) != tuple(module.weight.shape):
-            raise ValueError(f"conv {names[id(module)]}: dlib has stride/pad/kernel {got}, port expects {expect}")
-        state[f"{names[id(module)]}.weight"] = torch.from_numpy(layer.tensors["weight"].copy())
-        state[f"{names[id(module)]}.bias"] = torch.from_numpy(layer.tensors["bias"].copy())
-    for layer, module in zip(affines, affine_modules):
-        state[f"{names[id(module)]}.gamma"] = torch.from_numpy(layer.tensors["gamma"].reshape(-1).copy())
-        state[f"{names[id(module)]}.beta"] = torch.from_numpy(layer.tensors["beta"].reshape(-1).copy())
-    state["fc.weight"] = torch.from_numpy(fcs[0].tensors["weight_in_out"].T.copy())
-    state["mean_descriptor"] = torch.zeros(128)
-    model.load_state_dict(state, strict=True)  # shape check
-    return state

@@ -27,7 +27,7 @@ import cv2
 import numpy as np
 import torch
 
-from fsr.data.degrade import resize_bicubic
+from fsr.core.resize import resize_bicubic
 from fsr.detect.crop import extract_square, points_to_crop, square_box
 from fsr.models.face.base import FaceModel
 

@@ -1,6 +1,6 @@
 """Convert dlib's face recognition ResNet v1 to ``weights/dlib_resnet_v1.safetensors``.
 
-    python -m fsr.models.face.convert_dlib [--dat PATH] [--out weights/] [--data ../shared/data]
+    python -m tools.convert_dlib [--dat PATH] [--out weights/] [--data ../shared/data]
 
 1. Reads ``dlib_face_recognition_resnet_model_v1.dat`` (from the PyPI package
    ``face-recognition-models==0.3.0`` unless ``--dat`` is given; SHA-256 checked) with fsr's
@@ -27,13 +27,14 @@ from fsr.core.batching import make_progress
 from fsr.core.device import Compute
 from fsr.core.io import ImageReadError, iter_image_files, read_image
 from fsr.core.weights import SHIPPED_WEIGHTS_DIR, save_safetensors, sha256_file, update_checksums
-from fsr.models.face.dlib_format import read_dlib_metric_network
-from fsr.models.face.dlib_resnet import DLIB_WEIGHTS_FILE, DlibResNet, dlib_state_dict_from_dat
+from fsr.detect.mtcnn import MTCNN
+from fsr.models.face.dlib_resnet import DLIB_WEIGHTS_FILE, DlibResNet
 from fsr.models.face.pipeline import central_face_landmarks, embed_photos
+from tools.dlib_format import read_dlib_metric_network
 
 DAT_NAME = "dlib_face_recognition_resnet_model_v1.dat"
 DAT_SHA256 = "55533b28a95800a551ba546ba62fe69625c7e95a7061c338adffead08719da30"
-DEFAULT_DATA = Path(__file__).resolve().parents[3].parent / "shared" / "data"
+DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
 def find_dat() -> Path:
@@ -73,8 +74,6 @@ def mean_descriptor(
     model: DlibResNet, images: list[Path], compute: Compute, min_face: float = 40, batch: int = 64
 ) -> tuple[torch.Tensor, int]:
     """Mean raw descriptor over the faces MTCNN finds in ``images`` (the one nearest the centre)."""
-    from fsr.detect.mtcnn import MTCNN
-
     detector = MTCNN.load(compute)
     total = np.zeros(128, dtype=np.float64)
     count = 0
@@ -121,6 +120,7 @@ def convert(
     out = out_dir / DLIB_WEIGHTS_FILE
     metadata = {
         "source": f"{DAT_NAME} (face-recognition-models 0.3.0), sha256 {DAT_SHA256}",
+        # the module name the shipped file records; kept so the output stays byte-identical to it
         "converter": "python -m fsr.models.face.convert_dlib",
         "input": "RGB 150x150, (x - (122.782, 117.001, 104.298)) / 256",
         "mean_descriptor": (
@@ -134,6 +134,40 @@ def convert(
         update_checksums(out_dir, [DLIB_WEIGHTS_FILE])
     print(f"wrote {out} ({sha256_file(out)}); mean descriptor over {count} faces")
     return out
+
+
+def dlib_state_dict_from_dat(network) -> dict[str, torch.Tensor]:
+    """Map a parsed :class:`~tools.dlib_format.DlibNetwork` onto DlibResNet's keys.
+
+    Checks the layer sequence against the fixed architecture while doing so.
+    """
+    model = DlibResNet()
+    convs = [l for l in network.layers if l.kind == "con"]
+    affines = [l for l in network.layers if l.kind == "affine"]
+    fcs = [l for l in network.layers if l.kind == "fc"]
+    conv_modules = [model.conv1] + [m for s in model.stages for b in s for m in (b.conv1, b.conv2)]
+    affine_modules = [model.affine1] + [m for s in model.stages for b in s for m in (b.affine1, b.affine2)]
+    if len(convs) != len(conv_modules) or len(affines) != len(affine_modules) or len(fcs) != 1:
+        raise ValueError(
+            f"layer counts differ from dlib ResNet v1: {len(convs)} con, {len(affines)} affine, {len(fcs)} fc"
+        )
+    state: dict[str, torch.Tensor] = {}
+    names = {id(m): n for n, m in model.named_modules()}
+    for layer, module in zip(convs, conv_modules):
+        f = layer.fields
+        expect = (module.stride[0], module.padding[0], module.kernel_size[0])
+        got = (f["stride_y"], f["padding_y"], f["nr"])
+        if expect != got or tuple(layer.tensors["weight"].shape) != tuple(module.weight.shape):
+            raise ValueError(f"conv {names[id(module)]}: dlib has stride/pad/kernel {got}, port expects {expect}")
+        state[f"{names[id(module)]}.weight"] = torch.from_numpy(layer.tensors["weight"].copy())
+        state[f"{names[id(module)]}.bias"] = torch.from_numpy(layer.tensors["bias"].copy())
+    for layer, module in zip(affines, affine_modules):
+        state[f"{names[id(module)]}.gamma"] = torch.from_numpy(layer.tensors["gamma"].reshape(-1).copy())
+        state[f"{names[id(module)]}.beta"] = torch.from_numpy(layer.tensors["beta"].reshape(-1).copy())
+    state["fc.weight"] = torch.from_numpy(fcs[0].tensors["weight_in_out"].T.copy())
+    state["mean_descriptor"] = torch.zeros(128)
+    model.load_state_dict(state, strict=True)  # shape check
+    return state
 
 
 def main() -> None:

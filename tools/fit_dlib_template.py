@@ -7,7 +7,7 @@ angle (every 132nd LFW image), ``mtcnn_reference.json`` MTCNN landmarks (every 4
 superset). Each image's MTCNN landmarks are mapped into chip pixels through dlib's own
 chip transform (dlib's ``get_mapping_to_chip``); the least-squares template is their mean.
 
-Run: ``python -m fsr.models.face.fit_dlib_template [--reference DIR]``; prints the template
+Run: ``python -m tools.fit_dlib_template [--reference DIR]``; prints the template
 (to paste into ``dlib_resnet.DLIB_MTCNN_TEMPLATE``) and the per-point residuals in chip pixels.
 """
 
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-DEFAULT_REFERENCE = Path(__file__).resolve().parents[3].parent / "shared" / "data" / "reference"
+DEFAULT_REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "reference"
 
 
 def dlib_chip_matrix(rect: np.ndarray, angle: float, size: int = 150) -> np.ndarray:

@@ -2,7 +2,7 @@
 
 Run once (needs the ``convert`` extra: mtcnn==1.0.0, joblib, lz4)::
 
-    python -m fsr.detect.convert_mtcnn [--out weights/mtcnn.safetensors]
+    python -m tools.convert_mtcnn [--out weights/mtcnn.safetensors]
 
 The package's ``mtcnn/assets/weights/{pnet,rnet,onet}.lz4`` are joblib pickles (lists of
 float32 arrays in Keras ``get_weights()`` order). Unpickling runs code, so each file's
@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from fsr.core.weights import SHIPPED_WEIGHTS_DIR, WeightsError, save_safetensors, sha256_file, update_checksums
+from fsr.detect.mtcnn import MTCNN
 
 PINNED_SHA256 = {
     "pnet.lz4": "ea6b0c3e685ebee3165326ad6484acc95f2ef78f1c94fbf40a55704fa989f7b5",
@@ -104,8 +105,6 @@ def convert(assets: Path) -> dict[str, torch.Tensor]:
         for (key, kind), array in zip(layout, arrays):
             tensors[f"{net}.{key}"] = _convert_array(np.asarray(array), kind)
     # shape check against the torch modules
-    from fsr.detect.mtcnn import MTCNN
-
     MTCNN().load_state_dict(tensors, strict=True)
     return tensors
 
@@ -126,6 +125,7 @@ def main(argv: list[str] | None = None) -> None:
             {
                 "source": "PyPI mtcnn==1.0.0 mtcnn/assets/weights/{pnet,rnet,onet}.lz4",
                 "sha256": PINNED_SHA256,
+                # the module name the shipped file records; kept so the output stays byte-identical to it
                 "converter": "python -m fsr.detect.convert_mtcnn",
             },
             sort_keys=True,

@@ -1,6 +1,6 @@
 """A numpy reader for dlib's DNN serialisation (``dlib_face_recognition_resnet_model_v1.dat``).
 
-Only used by the one-off conversion (``python -m fsr.models.face.convert_dlib``); nothing
+Only used by the one-off conversion (``python -m tools.convert_dlib``); nothing
 at run time reads ``.dat`` files. Reading never executes code: the format is plain data.
 
 dlib's encoding (dlib/serialize.h, dlib/dnn/*.h):

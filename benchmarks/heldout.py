@@ -1,0 +1,96 @@
+"""Quality of SR models on faces they never saw: PSNR, SSIM and dlib identity distance vs bicubic.
+
+Runs ``fsr metrics --data SET --system bicubic --system MODEL...`` on each prepared test set
+(by default fsr's held-out CelebA identities prepared at margins 0.1, 0.25 and 0.4, see
+``fsr/data/splits/celeba_test_identities.txt``) and prints one table: per set and model, the
+PSNR and SSIM gain over bicubic and the change of the mean dlib SR-HR distance, with the
+paper's Table 1 rows (CelebA, 32 -> 128) beside it. Writes the figures as JSON and Markdown.
+
+Usage:
+  python benchmarks/heldout.py --set celeba_m0.1=data/celeba_test_m0.1 \\
+      --set celeba_m0.25=data/celeba_test_m0.25 --set celeba_m0.4=data/celeba_test_m0.4 \\
+      --system default --system fsr_l1 --out benchmarks/heldout.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from fsr.core.device import machine_description
+
+#: IP-FSRGAN paper, Table 1 (32 -> 128): PSNR (dB), SSIM of LR (bicubic), SRCNN, SRGAN, ESRGAN, IP-FSRGAN.
+PAPER_TABLE1 = {
+    "CelebA": {"bicubic": (25.32, 0.778), "SRCNN": (27.49, 0.81), "SRGAN": (27.77, 0.812), "ESRGAN": (26.82, 0.799),
+               "IP-FSRGAN": (28.91, 0.845)},
+    "LFW": {"bicubic": (26.13, 0.804), "SRCNN": (31.12, 0.893), "SRGAN": (30.66, 0.875), "ESRGAN": (29.05, 0.855),
+            "IP-FSRGAN": (32.58, 0.908)},
+}
+
+
+def run_metrics(data: Path, systems: list[str], out: Path, limit: int, threads: int) -> dict:
+    """One ``fsr metrics`` run; returns its metrics_summary.json."""
+    cmd = [sys.executable, "-m", "fsr.cli", "metrics", "--data", str(data), "--system", "bicubic",
+           *[a for s in systems for a in ("--system", s)], "--out", str(out), "--limit", str(limit),
+           "--threads", str(threads)]
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    return json.loads((out / "metrics_summary.json").read_text())
+
+
+def gains(summary: dict, system: str) -> dict:
+    """A system's figures and its differences to bicubic (dB, SSIM points, relative distance)."""
+    ours, base = summary["summary"][system], summary["summary"]["bicubic"]
+    row = {"n": ours["n_images"], "psnr": ours["psnr_rgb"], "ssim": ours["ssim"],
+           "psnr_gain": ours["psnr_rgb"] - base["psnr_rgb"], "ssim_gain": ours["ssim"] - base["ssim"]}
+    if "id_distance" in ours:
+        row["id_distance"] = ours["id_distance"]
+        row["id_distance_change"] = ours["id_distance"] / base["id_distance"] - 1
+    return row
+
+
+def markdown(results: dict) -> str:
+    lines = ["| set | system | faces | PSNR (dB) | gain | SSIM | gain | dlib distance | change |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for name, rows in results.items():
+        for system, r in rows.items():
+            dist = f"{r['id_distance']:.3f} | {100 * r['id_distance_change']:+.1f}%" if "id_distance" in r else "- | -"
+            lines.append(f"| {name} | {system} | {r['n']} | {r['psnr']:.2f} | {r['psnr_gain']:+.2f} | "
+                         f"{r['ssim']:.3f} | {r['ssim_gain']:+.3f} | {dist} |")
+    for dataset, rows in PAPER_TABLE1.items():
+        base_psnr, base_ssim = rows["bicubic"]
+        for system, (psnr, ssim) in rows.items():
+            lines.append(f"| {dataset} (paper, Table 1) | {system} | - | {psnr:.2f} | {psnr - base_psnr:+.2f} | "
+                         f"{ssim:.3f} | {ssim - base_ssim:+.3f} | - | - |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--set", action="append", required=True, help="NAME=PREPARED_DIR (repeatable)")
+    parser.add_argument("--system", action="append", default=[], help="SR model besides bicubic (repeatable)")
+    parser.add_argument("--limit", type=int, default=0, help="first N faces of each set (0 = all)")
+    parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--work", default="heldout_out", help="folder for the per-set fsr metrics outputs")
+    parser.add_argument("--out", default="", help="write the figures to this JSON file (and .md beside it)")
+    args = parser.parse_args()
+    print(f"machine: {machine_description()}")
+    results: dict[str, dict] = {}
+    for spec in args.set:
+        name, _, folder = spec.partition("=")
+        summary = run_metrics(Path(folder), args.system, Path(args.work) / name, args.limit, args.threads)
+        results[name] = {s: gains(summary, s) for s in ["bicubic", *args.system] if s in summary["summary"]}
+        print(f"{name}: " + "; ".join(f"{s} {r['psnr_gain']:+.2f} dB, SSIM {r['ssim_gain']:+.3f}"
+                                      for s, r in results[name].items() if s != "bicubic"), flush=True)
+    table = markdown(results)
+    print(table)
+    if args.out:
+        out = Path(args.out)
+        out.write_text(json.dumps({"machine": machine_description(), "results": results}, indent=2))
+        out.with_suffix(".md").write_text(table + "\n")
+
+
+if __name__ == "__main__":
+    main()
