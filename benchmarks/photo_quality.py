@@ -50,7 +50,7 @@ SPLIT_FILE = REPO / "fsr" / "data" / "splits" / "celeba_test_identities.txt"
 def held_out_celeba(root: Path, count: int = 40) -> list[Path]:
     """Identity folders held out from training (the split file, else the last ``count`` sorted)."""
     if SPLIT_FILE.is_file():
-        names = [line.strip() for line in SPLIT_FILE.read_text().splitlines() if line.strip()]
+        names = [line.strip() for line in SPLIT_FILE.read_text().splitlines() if line.strip() and not line.startswith("#")]
         return [root / n for n in names if (root / n).is_dir()]
     return sorted(p for p in root.iterdir() if p.is_dir())[-count:]
 

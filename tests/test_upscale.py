@@ -489,10 +489,16 @@ def test_rerun_with_another_model_is_refused_then_redone_with_overwrite(tmp_path
 
 
 def held_out_celeba(count: int) -> list[Path]:
-    """First photo of each of ``count`` held-out CelebA identities (the last 40 folders, sorted)."""
+    """First photo of each of ``count`` held-out CelebA identities: those of
+    fsr/data/splits/celeba_test_identities.txt (else the last 40 identity folders, sorted)."""
     from tests.conftest import CELEBA_DIR
 
-    folders = sorted(p for p in CELEBA_DIR.iterdir() if p.is_dir())[-40:]
+    split = REPO / "fsr" / "data" / "splits" / "celeba_test_identities.txt"
+    if split.is_file():
+        names = [line.strip() for line in split.read_text().splitlines() if line.strip() and not line.startswith("#")]
+        folders = [CELEBA_DIR / name for name in names if (CELEBA_DIR / name).is_dir()]
+    else:
+        folders = sorted(p for p in CELEBA_DIR.iterdir() if p.is_dir())[-40:]
     return [sorted(d.glob("*.jpg"))[0] for d in folders[:count]]
 
 
