@@ -183,3 +183,112 @@ def test_corrupt_newest_training_checkpoint_is_skipped_with_a_warning(tmp_path):
         warnings.simplefilter("error")  # an intact newest checkpoint raises no warning
         save_checkpoint(tmp_path, 30, models, {"opt": torch.ones(2)}, keep=3)
         assert find_latest_checkpoint(tmp_path).step == 30
+
+
+# ----------------------------------------------------------------------------- disks
+
+
+@pytest.fixture()
+def small_disk(tmp_path):
+    """``mount(size_kb, read_only=False) -> Path``: a tiny tmpfs, unmounted afterwards.
+
+    Needs root (CI containers run as root); skipped with the reason otherwise.
+    """
+    mounted: list[Path] = []
+
+    def mount(size_kb: int, read_only: bool = False) -> Path:
+        point = tmp_path / f"disk{len(mounted)}"
+        point.mkdir()
+        options = f"size={size_kb}k" + (",ro" if read_only else "")
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(point)], capture_output=True, text=True)
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a small tmpfs here ({done.stderr.strip() or 'mount failed'}); needs root")
+        mounted.append(point)
+        return point
+
+    yield mount
+    for point in reversed(mounted):
+        subprocess.run(["umount", "-l", str(point)], capture_output=True)
+
+
+def face_crops(folder: Path, count: int = 6, side: int = 40) -> list[Path]:
+    """``count`` real LFW faces cut to ``side`` px squares, as PNG files in ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for source in FACES[:count]:
+        path = folder / f"{source.stem}.png"
+        Image.open(source).crop((75, 75, 175, 175)).resize((side, side), Image.BICUBIC).save(path)
+        paths.append(path)
+    return paths
+
+
+def test_upscale_onto_a_full_disk_stops_in_one_line_and_resumes(tmp_path, small_disk):
+    src = tmp_path / "in"
+    face_crops(src, count=6, side=60)
+    disk = small_disk(200)  # room for two or three 240x240 PNG outputs
+    result = cli("upscale", str(src), str(disk / "out"), "--model", "bicubic", "--no-progress", "--threads", "1")
+    line = one_line_error(result)
+    assert result.returncode != 0 and "No space left on device" in line and "re-run" in line
+    kept = sorted((disk / "out").iterdir())
+    assert 0 < len(kept) < 6 and all(p.suffix == ".png" for p in kept), "no temporaries, only whole outputs"
+    for path in kept:
+        assert Image.open(path).size == (240, 240)
+    subprocess.run(["mount", "-o", "remount,size=4m", str(disk)], check=True)
+    again = cli("upscale", str(src), str(disk / "out"), "--model", "bicubic", "--no-progress", "--threads", "1")
+    assert again.returncode == 0, again.stderr
+    assert len(list((disk / "out").iterdir())) == 6
+
+
+def test_upscale_into_a_read_only_folder_and_report_on_a_full_disk(tmp_path, small_disk):
+    src = tmp_path / "in"
+    face_crops(src, count=3)
+    read_only = small_disk(64, read_only=True)
+    result = cli("upscale", str(src), str(read_only / "out"), "--model", "bicubic", "--no-progress")
+    line = one_line_error(result)
+    assert "Read-only file system" in line and "bad inputs" not in result.stdout  # stopped: no input blamed
+    full = small_disk(16)
+    (full / "filler").write_bytes(b"\0" * 16 * 1024)
+    result = cli("upscale", str(src), str(tmp_path / "out"), "--model", "bicubic", "--no-progress",
+                 "--report", str(full / "report.json"))
+    line = one_line_error(result)
+    assert "cannot write the report" in line and "the 3 upscaled images are kept" in line
+    assert len(list((tmp_path / "out").iterdir())) == 3
+    assert [p.name for p in full.iterdir()] == ["filler"]
+
+
+def test_metrics_into_a_read_only_folder_is_one_line(tmp_path, small_disk):
+    hr = tmp_path / "hr"
+    face_crops(hr, count=2, side=64)
+    read_only = small_disk(64, read_only=True)
+    result = cli("metrics", "--hr", str(hr), "--sr", f"same={hr}", "--model", "none", "--out", str(read_only / "m"))
+    line = one_line_error(result)
+    assert "Read-only file system" in line
+
+
+def test_prepare_into_a_read_only_folder_and_onto_a_full_disk(tmp_path, small_disk):
+    src = tmp_path / "src"
+    for face in FACES[:6]:
+        (src / face.parent.name).mkdir(parents=True, exist_ok=True)
+        shutil.copy(face, src / face.parent.name / face.name)
+    args = ["--batch-size", "2", "--threads", "1", "--workers", "1", "--quiet", "--split", "train"]
+    read_only = small_disk(64, read_only=True)
+    line = one_line_error(cli("prepare", str(src), str(read_only / "prep"), *args))
+    assert "Read-only file system" in line and "nothing was prepared" in line
+    full = small_disk(96)  # room for a few 128 px crops, not all
+    result = cli("prepare", str(src), str(full / "prep"), *args)
+    line = one_line_error(result)
+    assert "No space left on device" in line and "finished images are kept" in line
+    subprocess.run(["mount", "-o", "remount,size=8m", str(full)], check=True)
+    assert cli("prepare", str(src), str(full / "prep"), *args).returncode == 0
+    straight = tmp_path / "straight"
+    assert cli("prepare", str(src), str(straight), *args).returncode == 0
+    assert tree_bytes(full / "prep") == tree_bytes(straight)
+
+
+def tree_bytes(folder: Path) -> dict[str, bytes]:
+    """Every file under ``folder`` but the run's timings (summary.json), by relative path."""
+    return {
+        p.relative_to(folder).as_posix(): p.read_bytes()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name not in ("summary.json", "prepare.json")
+    }

@@ -310,28 +310,32 @@ def _load_rgb(path: Path) -> torch.Tensor:
 def folder_chunks(
     hr_dir: Path, sr_dirs: dict[str, Path], keys: list[str], hr_files: dict, sr_files: dict, chunk_size: int, skipped: list[str]
 ) -> Iterator[Chunk]:
-    for start in range(0, len(keys), chunk_size):
-        batch_keys, hrs, outs = [], [], {n: [] for n in sr_dirs}
-        for key in keys[start : start + chunk_size]:
-            try:
-                hr = _load_rgb(hr_files[key])
-                srs = {n: _load_rgb(sr_files[n][key]) for n in sr_dirs}
-            except ImageReadError as exc:
-                skipped.append(str(exc))
-                continue
-            bad = [n for n, t in srs.items() if t.shape != hr.shape]
-            if bad:
-                n = bad[0]
-                skipped.append(
-                    f"{sr_files[n][key]}: size {tuple(srs[n].shape[1:])} differs from HR {tuple(hr.shape[1:])} ({hr_files[key]})"
-                )
-                continue
-            batch_keys.append(key)
-            hrs.append(hr)
-            for n in sr_dirs:
-                outs[n].append(srs[n])
-        if batch_keys:
+    """Chunks of at most ``chunk_size`` images of one size (HR images may differ in size:
+    a chunk ends where the size changes), in key order."""
+    batch_keys, hrs, outs = [], [], {n: [] for n in sr_dirs}
+    for key in keys:
+        try:
+            hr = _load_rgb(hr_files[key])
+            srs = {n: _load_rgb(sr_files[n][key]) for n in sr_dirs}
+        except ImageReadError as exc:
+            skipped.append(str(exc))
+            continue
+        bad = [n for n, t in srs.items() if t.shape != hr.shape]
+        if bad:
+            n = bad[0]
+            skipped.append(
+                f"{sr_files[n][key]}: size {tuple(srs[n].shape[1:])} differs from HR {tuple(hr.shape[1:])} ({hr_files[key]})"
+            )
+            continue
+        if hrs and (hr.shape != hrs[0].shape or len(hrs) == chunk_size):
             yield Chunk(batch_keys, torch.stack(hrs), {n: torch.stack(v) for n, v in outs.items()})
+            batch_keys, hrs, outs = [], [], {n: [] for n in sr_dirs}
+        batch_keys.append(key)
+        hrs.append(hr)
+        for n in sr_dirs:
+            outs[n].append(srs[n])
+    if batch_keys:
+        yield Chunk(batch_keys, torch.stack(hrs), {n: torch.stack(v) for n, v in outs.items()})
 
 
 def evaluate_folders(
