@@ -292,3 +292,196 @@ def tree_bytes(folder: Path) -> dict[str, bytes]:
         for p in sorted(folder.rglob("*"))
         if p.is_file() and p.name not in ("summary.json", "prepare.json")
     }
+
+
+# ----------------------------------------------------------------------------- upscale inputs and outputs
+
+
+def test_two_inputs_one_output_is_refused_naming_both(tmp_path):
+    from fsr.upscale import UpscaleError, UpscaleOptions, plan_jobs
+
+    src = tmp_path / "col"
+    face_crops(src, count=1)
+    first = next(src.iterdir())
+    Image.open(first).save(src / f"{first.stem}.jpg", quality=95)
+    with pytest.raises(UpscaleError, match=rf"{first.stem}.jpg and .*{first.stem}.png would both be written to"):
+        plan_jobs(src, tmp_path / "out", UpscaleOptions(out_format="png"))
+    assert len(plan_jobs(src, tmp_path / "out", UpscaleOptions(out_format="same"))) == 2  # distinct names: fine
+
+    cased = tmp_path / "cased"
+    cased.mkdir()
+    Image.open(first).save(cased / "b.jpg", quality=95)
+    Image.open(first).save(cased / "b.JPG", quality=90)
+    result = cli("upscale", str(cased), str(tmp_path / "out2"), "--model", "bicubic", "--no-progress")
+    line = one_line_error(result)
+    assert "b.JPG and" in line and "b.jpg would both be written to" in line and not (tmp_path / "out2").exists()
+
+
+def test_odd_entries_in_an_input_folder_are_each_reported(tmp_path):
+    from fsr.core.device import Compute
+    from fsr.upscale import UpscaleOptions, upscale_path
+
+    src = tmp_path / "in"
+    good = face_crops(src, count=2)
+    Image.open(good[0]).save(src / "anim.gif")
+    (src / "folder.jpg").mkdir()
+    (src / "loop").symlink_to(src, target_is_directory=True)
+    (src / "gone.png").symlink_to(tmp_path / "missing.png")
+    Image.new("RGB", (1, 1), (128, 64, 32)).save(src / "dot.png")
+    summary = upscale_path(src, tmp_path / "out", UpscaleOptions(model="bicubic", show_progress=False),
+                           Compute.create("cpu", threads=1))
+    reasons = {Path(r.input).name: r.reason for r in summary.results if r.status == "failed"}
+    assert "unsupported format GIF" in reasons["anim.gif"]
+    assert "a folder, not an image file" in reasons["folder.jpg"]
+    assert "symbolic link loop" in reasons["loop"]
+    assert "broken symbolic link" in reasons["gone.png"]
+    assert "too small to hold a face (1x1 px" in reasons["dot.png"]
+    assert summary.done == 2 and summary.faces_sr == 2 and sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        p.name for p in good]
+
+
+def test_single_gif_is_refused_before_any_work(tmp_path):
+    gif = tmp_path / "face.gif"
+    Image.open(FACES[0]).save(gif)
+    result = cli("upscale", str(gif), str(tmp_path / "out"), "--model", "bicubic", "--no-progress")
+    line = one_line_error(result)
+    assert "face.gif: unsupported input format GIF" in line and not (tmp_path / "out").exists()
+    png = tmp_path / "face.png"
+    Image.open(FACES[0]).save(png)
+    line = one_line_error(cli("upscale", str(png), str(tmp_path / "face_x4.gif"), "--model", "bicubic"))
+    assert "face_x4.gif: unsupported output format GIF" in line
+
+
+def test_declared_huge_image_is_refused_before_decoding_by_default(tmp_path):
+    from tests.test_io import make_declared_huge_png
+
+    src = tmp_path / "in"
+    face_crops(src, count=1)
+    make_declared_huge_png(src / "bomb.png", 14000, 14000)  # 196 MP declared in a few bytes
+    result = cli("upscale", str(src), str(tmp_path / "out"), "--model", "bicubic", "--no-progress")
+    assert result.returncode == 0, result.stderr
+    assert "bomb.png: declared size 14000x14000 (196 MP) exceeds the limit of 50 MP" in " ".join(result.stderr.split())
+    raised = cli("upscale", str(src / "bomb.png"), str(tmp_path / "out2"), "--model", "bicubic", "--max-pixels",
+                 "300000000", "--no-progress")
+    assert "exceeds the limit" not in raised.stderr  # --max-pixels raises the budget (the 1-pixel body then fails)
+
+
+def test_write_failures_are_not_counted_as_bad_inputs(tmp_path, monkeypatch):
+    import fsr.upscale as upscale
+    from fsr.core.device import Compute
+
+    src = tmp_path / "in"
+    face_crops(src, count=2)
+
+    def refuse(path, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(upscale, "write_image", refuse)
+    summary = upscale.upscale_path(src, tmp_path / "out", upscale.UpscaleOptions(model="bicubic", show_progress=False),
+                                   Compute.create("cpu", threads=1))
+    assert summary.failed == 0 and summary.unwritten == 2 and not summary.succeeded
+    assert all("Permission denied" in r.reason and r.status == "unwritten" for r in summary.results)
+
+
+# ----------------------------------------------------------------------------- prepare touches only its own files
+
+
+def lfw_source(folder: Path, count: int = 4) -> Path:
+    for face in FACES[:count]:
+        (folder / face.parent.name).mkdir(parents=True, exist_ok=True)
+        shutil.copy(face, folder / face.parent.name / face.name)
+    return folder
+
+
+PREP_ARGS = ["--batch-size", "2", "--threads", "1", "--workers", "1", "--quiet", "--split", "train"]
+
+
+def test_prepare_leaves_other_hidden_temporaries_and_refuses_foreign_manifests(tmp_path):
+    src = lfw_source(tmp_path / "src")
+    dst = tmp_path / "dst"
+    dst.mkdir()
+    user_files = {dst / ".draft.tmp": b"draft", dst / "projectA" / "deep" / ".report.docx.tmp": b"report"}
+    for path, data in user_files.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+    assert cli("prepare", str(src), str(dst), *PREP_ARGS).returncode == 0
+    identity = FACES[0].parent.name
+    inside = dst / "hr" / identity / ".notes.png.tmp"  # a user's file inside our output folder
+    inside.write_bytes(b"notes")
+    stale = dst / "hr" / identity / f".{FACES[0].stem}.png.ab12cd_3.tmp"  # what a killed run of ours leaves
+    stale.write_bytes(b"half")
+    (dst / ".prepare-journal.jsonl").write_bytes(b"")  # forget the finished chunks: everything is redone
+    assert cli("prepare", str(src), str(dst), *PREP_ARGS).returncode == 0
+    assert all(path.read_bytes() == data for path, data in user_files.items()) and inside.read_bytes() == b"notes"
+    assert not stale.exists()
+
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "manifest.csv").write_text("my,own,table\n")
+    (foreign / "summary.json").write_text('{"mine": true}\n')
+    line = one_line_error(cli("prepare", str(src), str(foreign), *PREP_ARGS))
+    assert "already holds manifest.csv, summary.json not written by fsr prepare" in line
+    assert (foreign / "manifest.csv").read_text() == "my,own,table\n" and sorted(p.name for p in foreign.iterdir()) == [
+        "manifest.csv", "summary.json"]
+
+
+def test_prepare_never_reads_its_own_outputs_and_may_write_beside_its_source(tmp_path):
+    from fsr.data.manifest import read_manifest, read_rejects
+
+    d3 = lfw_source(tmp_path / "d3", count=3)
+    assert cli("prepare", str(d3), str(d3 / "prepA"), *PREP_ARGS).returncode == 0
+    assert cli("prepare", str(d3), str(d3 / "prepB"), *PREP_ARGS).returncode == 0
+    a, b = read_manifest(d3 / "prepA"), read_manifest(d3 / "prepB")
+    assert [r.source for r in b] == [r.source for r in a] and {r.identity for r in b} == {f.parent.name for f in FACES[:3]}
+    assert ("prepA", "skipped: an fsr prepare output folder (its crops are not source photos)") in read_rejects(d3 / "prepB")
+
+    userdir = tmp_path / "userdir"
+    lfw_source(userdir / "photos", count=2)
+    result = cli("prepare", str(userdir / "photos"), str(userdir), *PREP_ARGS)
+    assert result.returncode == 0, result.stderr
+    assert len(read_manifest(userdir)) == 2
+    again = cli("prepare", str(userdir / "photos"), str(userdir), *PREP_ARGS)  # its crops are not picked up
+    assert again.returncode == 0 and len(read_manifest(userdir)) == 2
+
+
+def test_face_too_small_message_shows_the_real_size():
+    from fsr.data.prepare import PrepareConfig, _select_faces
+
+    class Found:
+        boxes = np.array([[10.0, 10.0, 29.6, 29.6]])
+
+        def __len__(self):
+            return 1
+
+    _, reason = _select_faces(Found(), (100, 100, 3), PrepareConfig(min_face=20))
+    assert reason == "face too small: largest box 19.6 px < --min-face 20 px"
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+def test_metrics_on_hr_images_of_different_sizes_and_a_truncated_manifest(tmp_path):
+    from fsr.core.device import Compute
+    from fsr.evaluate.metrics import evaluate_folders
+
+    hr, sr = tmp_path / "hr", tmp_path / "sr"
+    face_crops(hr / "small", count=2, side=64)
+    face_crops(hr / "big", count=3, side=96)
+    for path in hr.rglob("*.png"):
+        out = sr / path.relative_to(hr)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        image = Image.open(path)
+        image.resize((image.width // 4, image.height // 4), Image.BICUBIC).resize(image.size, Image.BICUBIC).save(out)
+    report = evaluate_folders(hr, {"bicubic": sr}, chunk_size=4, show_progress=False)
+    assert len(report.rows) == 5 and not report.skipped
+    result = cli("metrics", "--hr", str(hr), "--sr", f"bicubic={sr}", "--model", "none", "--out", str(tmp_path / "m"))
+    assert result.returncode == 0, result.stderr
+
+    prepared = tmp_path / "prepared"
+    assert cli("prepare", str(lfw_source(tmp_path / "src", 2)), str(prepared), *PREP_ARGS).returncode == 0
+    manifest = prepared / "manifest.csv"
+    text = manifest.read_text()
+    manifest.write_text(text[: len(text) - 40])  # cut the last row short
+    line = one_line_error(cli("metrics", "--data", str(prepared), "--system", "bicubic", "--model", "none",
+                              "--out", str(tmp_path / "m2")))
+    assert "manifest.csv:3: truncated or malformed row" in line

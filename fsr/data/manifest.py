@@ -137,6 +137,9 @@ def read_manifest(prepared_dir: str | os.PathLike) -> list[FaceRecord]:
         records = []
         for row in reader:
             try:
+                empty = [c for c in COLUMNS if row.get(c) in (None, "")]
+                if empty:
+                    raise ValueError(f"no value for {', '.join(empty[:3])}")
                 records.append(FaceRecord.from_row(row))
             except (TypeError, ValueError, KeyError) as exc:
                 raise ManifestError(
