@@ -485,3 +485,45 @@ def test_metrics_on_hr_images_of_different_sizes_and_a_truncated_manifest(tmp_pa
     line = one_line_error(cli("metrics", "--data", str(prepared), "--system", "bicubic", "--model", "none",
                               "--out", str(tmp_path / "m2")))
     assert "manifest.csv:3: truncated or malformed row" in line
+
+
+# ----------------------------------------------------------------------------- the wheel
+
+
+def test_built_wheel_carries_the_models_and_upscales_when_installed(tmp_path):
+    """``pip wheel .`` then an install outside the checkout: the default model is found and checked."""
+    import zipfile
+
+    from fsr.core.weights import shipped_checksums
+
+    tree = tmp_path / "tree"  # build from a copy: an in-place build would write build/ into the checkout
+    tree.mkdir()
+    for name in ("fsr", "weights", "pyproject.toml", "setup.py", "README.md"):
+        copy = shutil.copytree if (REPO / name).is_dir() else shutil.copy
+        copy(REPO / name, tree / name, **({"ignore": shutil.ignore_patterns("__pycache__")} if copy is shutil.copytree else {}))
+    subprocess.run([sys.executable, "-m", "pip", "wheel", str(tree), "--no-deps", "--no-build-isolation", "-q",
+                    "-w", str(tmp_path / "dist")], check=True, capture_output=True, timeout=300)
+    (wheel,) = (tmp_path / "dist").glob("fsr-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for name, digest in shipped_checksums().items():
+        assert f"fsr/_weights/{name}" in names
+        assert zipfile.ZipFile(wheel).read(f"fsr/_weights/{name}") == (SHIPPED_WEIGHTS_DIR / name).read_bytes()
+    for card in SHIPPED_WEIGHTS_DIR.glob("*.json"):
+        assert f"fsr/_weights/{card.name}" in names
+    packages = {p.parent.relative_to(REPO).as_posix() for p in (REPO / "fsr").rglob("__init__.py")}
+    assert all(f"{package}/__init__.py" in names for package in packages)
+
+    site, work = tmp_path / "site", tmp_path / "elsewhere"
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site), str(wheel)],
+                   check=True, capture_output=True, timeout=300)
+    work.mkdir()
+    Image.open(FACES[0]).crop((85, 85, 165, 165)).resize((32, 32), Image.BICUBIC).save(work / "face.png")
+    env = {**os.environ, "PYTHONPATH": str(site), "OMP_NUM_THREADS": "1", "HOME": str(work)}
+    env.pop("FSR_WEIGHTS_DIR", None)
+    where = subprocess.run([sys.executable, "-c", "import fsr.core.weights as w; print(w.SHIPPED_WEIGHTS_DIR)"],
+                           cwd=work, env=env, capture_output=True, text=True, check=True)
+    assert where.stdout.strip() == str(site / "fsr" / "_weights")
+    run = subprocess.run([sys.executable, "-m", "fsr.cli", "upscale", "face.png", "out", "--no-progress", "--threads", "1"],
+                         cwd=work, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert Image.open(work / "out" / "face.png").size == (128, 128)
