@@ -11,8 +11,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -527,3 +529,95 @@ def test_built_wheel_carries_the_models_and_upscales_when_installed(tmp_path):
                          cwd=work, env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     assert Image.open(work / "out" / "face.png").size == (128, 128)
+
+
+# ----------------------------------------------------------------------------- kill -9 at random points
+
+
+def kill_when(command: list[str], ready, rng: np.random.Generator, timeout: float = 240) -> bool:
+    """Start ``command``, wait until ``ready()`` holds, then a random 0-0.3 s more, and SIGKILL it.
+
+    Returns True when the process was killed (False when it finished first).
+    """
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + timeout
+    while time.time() < deadline and process.poll() is None and not ready():
+        time.sleep(0.02)
+    time.sleep(float(rng.uniform(0.0, 0.3)))
+    if process.poll() is not None:
+        return False
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    return True
+
+
+def files_in(folder: Path, pattern: str = "*.png") -> int:
+    return sum(1 for _ in folder.rglob(pattern)) if folder.is_dir() else 0
+
+
+KILL_POINTS = 2  # per command, into the same output (killed, re-run, killed again, finished); seeded moments
+
+
+def test_kill_9_during_prepare_then_rerun_is_byte_identical(tmp_path):
+    src = lfw_source(tmp_path / "src", count=6)
+    args = ["prepare", str(src), "DST", "--batch-size", "1", "--threads", "1", "--workers", "1", "--quiet",
+            "--test-fraction", "0.3"]
+    straight, dst = tmp_path / "straight", tmp_path / "killed"
+    assert cli(*[str(straight) if a == "DST" else a for a in args]).returncode == 0
+    rng = np.random.default_rng(13)
+    points = rng.integers(1, 5, KILL_POINTS)  # hr + lr crops written by each run before its kill
+    killed = 0
+    for at in points:
+        before = files_in(dst)
+        command = [*FSR, *[str(dst) if a == "DST" else a for a in args]]
+        killed += kill_when(command, lambda at=at, before=before: files_in(dst) >= before + at, rng)
+    assert cli(*[str(dst) if a == "DST" else a for a in args]).returncode == 0
+    assert killed >= 1 and tree_bytes(dst) == tree_bytes(straight), f"killed after {points} crops"
+
+
+def test_kill_9_during_upscale_then_rerun_is_byte_identical(tmp_path):
+    src = tmp_path / "in"
+    face_crops(src, count=6, side=120)
+    args = ["upscale", str(src), "OUT", "--model", "default", "--mode", "photo", "--threshold", "0",
+            "--batch-size", "1", "--threads", "1", "--no-progress"]
+    straight, out = tmp_path / "straight", tmp_path / "killed"
+    assert cli(*[str(straight) if a == "OUT" else a for a in args]).returncode == 0
+    rng = np.random.default_rng(14)
+    points = rng.integers(1, 3, KILL_POINTS)  # outputs written by each run before its kill
+    killed = 0
+    for at in points:
+        before = files_in(out)
+        command = [*FSR, *[str(out) if a == "OUT" else a for a in args]]
+        killed += kill_when(command, lambda at=at, before=before: files_in(out) >= before + at, rng)
+    assert cli(*[str(out) if a == "OUT" else a for a in args]).returncode == 0
+    assert killed >= 1, "every run finished before its kill"
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == {p.name: p.read_bytes() for p in straight.iterdir()}
+
+
+def test_kill_9_during_train_then_resume_is_byte_identical(tmp_path):
+    src = tmp_path / "src"
+    people = [d for d in sorted(LFW_DIR.glob("A*")) if len(list(d.glob("*.jpg"))) >= 2][:3]
+    for person in people:  # the identity sampler needs pairs: two photos each
+        shutil.copytree(person, src / person.name, ignore=lambda folder, names: sorted(names)[2:])
+    data = tmp_path / "prepared"
+    assert cli("prepare", str(src), str(data), *PREP_ARGS).returncode == 0
+    total = 6
+    common = ["--preset", "srcnn", "--perceptual", "none", "--batch-size", "2", "--device", "cpu", "--threads", "1",
+              "--deterministic", "--no-progress", "--set", "train.checkpoint_every=1", "--set", "train.val_every=0",
+              "--set", "train.sample_every=0", "--set", "train.keep_checkpoints=50", "--steps", str(total)]
+    straight, run = tmp_path / "straight", tmp_path / "killed"
+    assert cli("train", str(data), "--run-dir", str(straight), *common).returncode == 0
+    final = f"checkpoints/step_{total:08d}"
+    reference = {p.name: p.read_bytes() for p in (straight / final).glob("*.safetensors")}
+    rng = np.random.default_rng(15)
+    points = sorted(rng.choice(np.arange(1, total), KILL_POINTS, replace=False))  # checkpoints written at the kill
+    killed = 0
+    for number, at in enumerate(points):
+        resume = ["--resume"] if number else []
+        killed += kill_when([*FSR, "train", str(data), "--run-dir", str(run), *resume, *common],
+                            lambda at=at: (run / "checkpoints" / f"step_{at:08d}").is_dir(), rng)
+    resumed = cli("train", str(data), "--run-dir", str(run), "--resume", *common)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert reference and killed >= 1
+    assert {p.name: p.read_bytes() for p in (run / final).glob("*.safetensors")} == reference, f"killed at steps {points}"
