@@ -266,8 +266,9 @@ def plan_jobs(src: str | os.PathLike, dst: str | os.PathLike, options: UpscaleOp
         raise UpscaleError(
             f"{first} and {second} would both be written to {output}; rename one of them or upscale them separately"
         )
-    inputs = {job.input.resolve() for job in jobs}
-    for job in jobs:
+    usable = [job for job in jobs if not job.error]  # a self-referencing link cannot even be resolved
+    inputs = {job.input.resolve() for job in usable}
+    for job in usable:
         if job.output.resolve() in inputs:
             raise UpscaleError(f"{job.output}: refusing to write over an input file; choose another output or --suffix")
     return jobs

@@ -329,6 +329,7 @@ def test_odd_entries_in_an_input_folder_are_each_reported(tmp_path):
     (src / "folder.jpg").mkdir()
     (src / "loop").symlink_to(src, target_is_directory=True)
     (src / "gone.png").symlink_to(tmp_path / "missing.png")
+    (src / "self.jpg").symlink_to(src / "self.jpg")  # a link to itself
     Image.new("RGB", (1, 1), (128, 64, 32)).save(src / "dot.png")
     summary = upscale_path(src, tmp_path / "out", UpscaleOptions(model="bicubic", show_progress=False),
                            Compute.create("cpu", threads=1))
@@ -337,6 +338,7 @@ def test_odd_entries_in_an_input_folder_are_each_reported(tmp_path):
     assert "a folder, not an image file" in reasons["folder.jpg"]
     assert "symbolic link loop" in reasons["loop"]
     assert "broken symbolic link" in reasons["gone.png"]
+    assert "Too many levels of symbolic links" in reasons["self.jpg"]
     assert "too small to hold a face (1x1 px" in reasons["dot.png"]
     assert summary.done == 2 and summary.faces_sr == 2 and sorted(p.name for p in (tmp_path / "out").iterdir()) == [
         p.name for p in good]
@@ -383,6 +385,69 @@ def test_write_failures_are_not_counted_as_bad_inputs(tmp_path, monkeypatch):
                                    Compute.create("cpu", threads=1))
     assert summary.failed == 0 and summary.unwritten == 2 and not summary.succeeded
     assert all("Permission denied" in r.reason and r.status == "unwritten" for r in summary.results)
+
+
+def csv_rows(path: Path) -> list[dict]:
+    import csv
+
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def mixed_folder(folder: Path) -> tuple[list[str], dict[str, str]]:
+    """Good face photos beside every kind of bad entry; returns (good names, bad name -> reason)."""
+    from tests.test_io import make_declared_huge_png
+
+    folder.mkdir(parents=True)
+    good = []
+    for face in FACES[:3]:
+        shutil.copy(face, folder / face.name)
+        good.append(face.name)
+    (folder / "truncated.jpg").write_bytes(FACES[0].read_bytes()[:3000])
+    (folder / "empty.png").write_bytes(b"")
+    (folder / "notes.jpg").write_text("not a photo\n")
+    make_declared_huge_png(folder / "bomb.png", 14000, 14000)
+    Image.open(FACES[0]).save(folder / "anim.gif")
+    (folder / "folder.jpg").mkdir()
+    (folder / "loop").symlink_to(folder, target_is_directory=True)
+    Image.new("RGB", (1, 1)).save(folder / "dot.png")
+    bad = {"truncated.jpg": "cannot decode", "empty.png": "empty file", "notes.jpg": "not an image",
+           "bomb.png": "exceeds the limit of 50 MP", "anim.gif": "unsupported format GIF",
+           "folder.jpg": "a folder, not an image file", "loop": "symbolic link loop"}
+    return good, bad
+
+
+def test_mixed_bad_input_folder_through_every_subcommand(tmp_path):
+    from fsr.data.manifest import read_manifest, read_rejects
+
+    mixed = tmp_path / "Mixed_Person"
+    good, bad = mixed_folder(mixed)
+    prepared = tmp_path / "prepared"
+    result = cli("prepare", str(mixed), str(prepared), *PREP_ARGS)
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+    assert sorted(r.source for r in read_manifest(prepared)) == sorted(good)
+    rejects = dict(read_rejects(prepared))
+    for name, reason in bad.items():
+        assert reason in rejects[name], name
+    assert "dot.png" in rejects  # no face in a single pixel
+
+    result = cli("upscale", str(mixed), str(tmp_path / "up"), "--model", "bicubic", "--no-progress", "--threads", "1")
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+    text = " ".join(result.stderr.split())
+    for name, reason in {**bad, "dot.png": "too small to hold a face"}.items():
+        assert f"{name}: " in text and reason in text.split(f"{name}: ", 1)[1], name
+    assert sorted(p.name for p in (tmp_path / "up").iterdir()) == sorted(good)
+
+    result = cli("metrics", "--hr", str(mixed), "--sr", f"same={mixed}", "--model", "none", "--out", str(tmp_path / "m"))
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+    summary = json.loads((tmp_path / "m" / "metrics_summary.json").read_text())
+    assert len({row["image"] for row in csv_rows(tmp_path / "m" / "metrics_per_image.csv")}) == len(good)
+    skipped = " ".join(summary["skipped"])
+    for name in ("truncated.jpg", "empty.png", "notes.jpg", "anim.gif", "folder.jpg", "loop", "dot.png: 1x1 px"):
+        assert name in skipped, name
+
+    line = one_line_error(cli("verify", str(mixed / "truncated.jpg"), str(mixed / good[0]), "--system", "bicubic"))
+    assert "truncated.jpg" in line
 
 
 # ----------------------------------------------------------------------------- prepare touches only its own files

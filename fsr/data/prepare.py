@@ -16,6 +16,12 @@ re-run reads the journal, skips finished chunks (same images, outputs present), 
 the rest with the same chunk boundaries, and writes ``manifest.csv``/``rejects.csv``
 atomically, sorted, only when everything is done. An interrupted (SIGINT or SIGKILL)
 run therefore ends, once re-run, with the same manifest and files as an uninterrupted one.
+
+Ownership: ``prepare.json`` marks a folder as made by fsr prepare. A DST that holds a
+manifest, summary, ``hr/`` or ``lr/`` without it is refused (nothing of the user's is
+overwritten); after a kill only the temporaries of this run's own outputs are removed;
+DST's ``hr/``/``lr/`` and any other prepared folder inside a source are never read as
+source photos. Stages: :func:`plan_prepare` -> :func:`run_chunks` -> :func:`write_results`.
 """
 
 from __future__ import annotations

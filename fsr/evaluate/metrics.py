@@ -37,11 +37,13 @@ import torch
 
 from fsr.core.batching import make_progress
 from fsr.core.device import Compute
-from fsr.core.io import ImageReadError, atomic_path, atomic_write_text, iter_image_files, read_image, to_tensor
+from fsr.core.io import ImageReadError, atomic_path, atomic_write_text, list_image_files, read_image, to_tensor
 from fsr.core.weights import write_json
 from fsr.evaluate.identity import FaceEmbedder
 
 PIXEL_METRICS = ("psnr_rgb", "psnr_y", "ssim", "ssim_y", "mse")
+MIN_IMAGE_SIDE = 11  # px: the SSIM window (Gaussian, 11x11)
+
 METRIC_LABELS = {
     "psnr_rgb": "PSNR RGB (dB)",
     "psnr_y": "PSNR Y (dB)",
@@ -298,9 +300,11 @@ def evaluate_chunks(
 # ----------------------------------------------------------------------------- folders
 
 
-def _index_folder(root: Path) -> dict[str, Path]:
-    """relative path without suffix -> file."""
-    return {p.relative_to(root).with_suffix("").as_posix(): p for p in iter_image_files(root)}
+def _index_folder(root: Path, skipped: list[str]) -> dict[str, Path]:
+    """relative path without suffix -> file; what the listing skipped (GIF, loops...) goes to ``skipped``."""
+    listing = list_image_files(root)
+    skipped.extend(f"{path}: {reason}" for path, reason in listing.skipped)
+    return {p.relative_to(root).with_suffix("").as_posix(): p for p in listing.files}
 
 
 def _load_rgb(path: Path) -> torch.Tensor:
@@ -319,6 +323,10 @@ def folder_chunks(
             srs = {n: _load_rgb(sr_files[n][key]) for n in sr_dirs}
         except ImageReadError as exc:
             skipped.append(str(exc))
+            continue
+        if min(hr.shape[1:]) < MIN_IMAGE_SIDE:
+            skipped.append(f"{hr_files[key]}: {hr.shape[2]}x{hr.shape[1]} px is too small to score "
+                           f"(SSIM needs at least {MIN_IMAGE_SIDE} px a side)")
             continue
         bad = [n for n, t in srs.items() if t.shape != hr.shape]
         if bad:
@@ -362,10 +370,10 @@ def evaluate_folders(
     for n, p in dirs.items():
         if not p.is_dir():
             raise MetricsError(f"{p}: SR folder for '{n}' not found")
-    hr_files = _index_folder(hr_dir)
-    sr_files = {n: _index_folder(p) for n, p in dirs.items()}
-    keys = sorted(hr_files)
     skipped: list[str] = []
+    hr_files = _index_folder(hr_dir, skipped)
+    sr_files = {n: _index_folder(p, skipped) for n, p in dirs.items()}
+    keys = sorted(hr_files)
     for n in dirs:
         absent = [k for k in keys if k not in sr_files[n]]
         if absent:
