@@ -89,8 +89,8 @@ def prepare_command(
         summary = prepare_dataset(sources, dst, config, compute, progress=not quiet)
     except (PrepareError, WeightsError, FileNotFoundError) as exc:
         fail(str(exc))
-    except OSError as exc:  # reading a source or an identity file; write errors arrive as PrepareError
-        fail(f"cannot read {describe_os_error(exc)}")
+    except OSError as exc:  # e.g. an unreadable source folder; write errors arrive as PrepareError
+        fail(f"file-system error: {describe_os_error(exc)}")
     except KeyboardInterrupt:
         fail(f"interrupted; finished chunks are kept in {dst}: run the same command again to resume", code=130)
 

@@ -359,7 +359,11 @@ class Journal:
         self.chunks[int(record["chunk"])] = record
 
     def close(self) -> None:
-        self.handle.close()
+        """Close; a failed flush (disk full) is dropped: a torn last line is cut off on the next open."""
+        try:
+            self.handle.close()
+        except OSError:
+            pass
 
 
 # ----------------------------------------------------------------------------- per-image work
