@@ -94,6 +94,14 @@ def prepare_command(
     except KeyboardInterrupt:
         fail(f"interrupted; finished chunks are kept in {dst}: run the same command again to resume", code=130)
 
+    console.print(_summary_table(summary, dst))
+    console.print(f"manifest: {dst / 'manifest.csv'}  rejects: {dst / 'rejects.csv'}  ({summary.device})")
+    if summary.faces == 0:
+        fail("nothing could be prepared", code=1)
+
+
+def _summary_table(summary, dst: Path) -> Table:
+    """The counts of a prepare run, one row per count and per split and reject reason."""
     table = Table(title=f"fsr prepare -> {dst}")
     table.add_column("")
     table.add_column("count", justify="right")
@@ -110,7 +118,4 @@ def prepare_command(
     if summary.resumed_images:
         table.add_row("already done (resumed)", f"{summary.resumed_images:,}")
     table.add_row("processed now", f"{summary.processed_images:,} in {summary.seconds:.1f} s ({summary.images_per_second:.1f} img/s)")
-    console.print(table)
-    console.print(f"manifest: {dst / 'manifest.csv'}  rejects: {dst / 'rejects.csv'}  ({summary.device})")
-    if summary.faces == 0:
-        fail("nothing could be prepared", code=1)
+    return table
