@@ -719,7 +719,7 @@ def upscale_path(
         pool.shutdown(wait=True, cancel_futures=True)
         kept = sum(r.status == "done" for r in results.values())
         raise UpscaleError(
-            f"{exc.strerror}; stopped: {kept} outputs written now are kept, {len(pending) - kept} not written; "
+            f"{exc.strerror}; stopped: {kept} outputs written now are kept, {len(pending) - kept} not done; "
             "free space (or fix the folder's permissions) and re-run the same command to continue"
         ) from None
     finally:  # on Ctrl-C / SIGTERM: drop queued reads; writes in flight finish (they are atomic)
