@@ -463,7 +463,25 @@ def lfw_source(folder: Path, count: int = 4) -> Path:
 PREP_ARGS = ["--batch-size", "2", "--threads", "1", "--workers", "1", "--quiet", "--split", "train"]
 
 
-def test_prepare_leaves_other_hidden_temporaries_and_refuses_foreign_manifests(tmp_path):
+@pytest.fixture(scope="module")
+def prepare():
+    """``prepare(src, dst)``: fsr prepare in-process with the CLI settings of PREP_ARGS (one detector)."""
+    from fsr.core.device import Compute
+    from fsr.data.prepare import PrepareConfig, prepare_dataset
+    from fsr.detect.mtcnn import MTCNN
+
+    threads = torch.get_num_threads()
+    compute = Compute.create("cpu", batch_size=2, threads=1)
+    detector = MTCNN.load(compute)
+
+    def run(src: Path, dst: Path):
+        return prepare_dataset(src, dst, PrepareConfig(split="train", workers=1), compute, progress=False, detector=detector)
+
+    yield run
+    torch.set_num_threads(threads)
+
+
+def test_prepare_leaves_other_hidden_temporaries_and_refuses_foreign_manifests(tmp_path, prepare):
     src = lfw_source(tmp_path / "src")
     dst = tmp_path / "dst"
     dst.mkdir()
@@ -471,14 +489,14 @@ def test_prepare_leaves_other_hidden_temporaries_and_refuses_foreign_manifests(t
     for path, data in user_files.items():
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(data)
-    assert cli("prepare", str(src), str(dst), *PREP_ARGS).returncode == 0
+    prepare(src, dst)
     identity = FACES[0].parent.name
     inside = dst / "hr" / identity / ".notes.png.tmp"  # a user's file inside our output folder
     inside.write_bytes(b"notes")
     stale = dst / "hr" / identity / f".{FACES[0].stem}.png.ab12cd_3.tmp"  # what a killed run of ours leaves
     stale.write_bytes(b"half")
     (dst / ".prepare-journal.jsonl").write_bytes(b"")  # forget the finished chunks: everything is redone
-    assert cli("prepare", str(src), str(dst), *PREP_ARGS).returncode == 0
+    assert prepare(src, dst).processed_images == 4
     assert all(path.read_bytes() == data for path, data in user_files.items()) and inside.read_bytes() == b"notes"
     assert not stale.exists()
 
@@ -492,23 +510,21 @@ def test_prepare_leaves_other_hidden_temporaries_and_refuses_foreign_manifests(t
         "manifest.csv", "summary.json"]
 
 
-def test_prepare_never_reads_its_own_outputs_and_may_write_beside_its_source(tmp_path):
+def test_prepare_never_reads_its_own_outputs_and_may_write_beside_its_source(tmp_path, prepare):
     from fsr.data.manifest import read_manifest, read_rejects
 
     d3 = lfw_source(tmp_path / "d3", count=3)
-    assert cli("prepare", str(d3), str(d3 / "prepA"), *PREP_ARGS).returncode == 0
-    assert cli("prepare", str(d3), str(d3 / "prepB"), *PREP_ARGS).returncode == 0
+    prepare(d3, d3 / "prepA")
+    prepare(d3, d3 / "prepB")
     a, b = read_manifest(d3 / "prepA"), read_manifest(d3 / "prepB")
     assert [r.source for r in b] == [r.source for r in a] and {r.identity for r in b} == {f.parent.name for f in FACES[:3]}
     assert ("prepA", "skipped: an fsr prepare output folder (its crops are not source photos)") in read_rejects(d3 / "prepB")
 
     userdir = tmp_path / "userdir"
     lfw_source(userdir / "photos", count=2)
-    result = cli("prepare", str(userdir / "photos"), str(userdir), *PREP_ARGS)
-    assert result.returncode == 0, result.stderr
-    assert len(read_manifest(userdir)) == 2
-    again = cli("prepare", str(userdir / "photos"), str(userdir), *PREP_ARGS)  # its crops are not picked up
-    assert again.returncode == 0 and len(read_manifest(userdir)) == 2
+    assert prepare(userdir / "photos", userdir).faces == 2
+    again = prepare(userdir / "photos", userdir)  # its own crops are not picked up
+    assert again.images_found == 2 and len(read_manifest(userdir)) == 2
 
 
 def test_face_too_small_message_shows_the_real_size():
@@ -527,7 +543,7 @@ def test_face_too_small_message_shows_the_real_size():
 # ----------------------------------------------------------------------------- metrics
 
 
-def test_metrics_on_hr_images_of_different_sizes_and_a_truncated_manifest(tmp_path):
+def test_metrics_on_hr_images_of_different_sizes_and_a_truncated_manifest(tmp_path, prepare):
     from fsr.core.device import Compute
     from fsr.evaluate.metrics import evaluate_folders
 
@@ -545,7 +561,7 @@ def test_metrics_on_hr_images_of_different_sizes_and_a_truncated_manifest(tmp_pa
     assert result.returncode == 0, result.stderr
 
     prepared = tmp_path / "prepared"
-    assert cli("prepare", str(lfw_source(tmp_path / "src", 2)), str(prepared), *PREP_ARGS).returncode == 0
+    prepare(lfw_source(tmp_path / "src", 2), prepared)
     manifest = prepared / "manifest.csv"
     text = manifest.read_text()
     manifest.write_text(text[: len(text) - 40])  # cut the last row short
@@ -660,13 +676,13 @@ def test_kill_9_during_upscale_then_rerun_is_byte_identical(tmp_path):
     assert {p.name: p.read_bytes() for p in out.iterdir()} == {p.name: p.read_bytes() for p in straight.iterdir()}
 
 
-def test_kill_9_during_train_then_resume_is_byte_identical(tmp_path):
+def test_kill_9_during_train_then_resume_is_byte_identical(tmp_path, prepare):
     src = tmp_path / "src"
     people = [d for d in sorted(LFW_DIR.glob("A*")) if len(list(d.glob("*.jpg"))) >= 2][:3]
     for person in people:  # the identity sampler needs pairs: two photos each
         shutil.copytree(person, src / person.name, ignore=lambda folder, names: sorted(names)[2:])
     data = tmp_path / "prepared"
-    assert cli("prepare", str(src), str(data), *PREP_ARGS).returncode == 0
+    prepare(src, data)
     total = 6
     common = ["--preset", "srcnn", "--perceptual", "none", "--batch-size", "2", "--device", "cpu", "--threads", "1",
               "--deterministic", "--no-progress", "--set", "train.checkpoint_every=1", "--set", "train.val_every=0",
