@@ -181,6 +181,10 @@ def test_corrupt_newest_training_checkpoint_is_skipped_with_a_warning(tmp_path):
     with pytest.warns(CheckpointWarning, match="step_00000020: checkpoint is corrupt"):
         found = find_latest_checkpoint(tmp_path)
     assert found is not None and found.step == 10
+    assert torch.equal(found.load_models()["generator"]["w"], torch.zeros(16))
+    flip_byte(found.path / "generator.safetensors")  # damaged after it was chosen: still never used
+    with pytest.raises(WeightsError, match="step_00000010/generator.safetensors: SHA-256 mismatch"):
+        found.load_models()
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # an intact newest checkpoint raises no warning
         save_checkpoint(tmp_path, 30, models, {"opt": torch.ones(2)}, keep=3)

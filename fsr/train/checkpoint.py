@@ -30,10 +30,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from fsr.core.io import atomic_write_text
-from fsr.core.weights import WeightsError, load_torch_checkpoint, save_safetensors, sha256_file, write_json
+from fsr.core.weights import (
+    WeightsError,
+    load_safetensors,
+    load_torch_checkpoint,
+    save_safetensors,
+    sha256_file,
+    write_json,
+)
 
 MARKER = "COMPLETE"
 
@@ -68,16 +75,25 @@ class Checkpoint:
     path: Path
     step: int
 
+    def _digests(self) -> dict[str, str]:
+        """``{file name: sha256}`` recorded in the marker."""
+        try:
+            return dict(json.loads((self.path / MARKER).read_text())["files"])
+        except (OSError, ValueError, KeyError, TypeError):
+            raise WeightsError(f"{self.path / MARKER}: unreadable checkpoint marker") from None
+
     def load_models(self) -> dict[str, dict[str, torch.Tensor]]:
-        """``{"generator": state_dict, "generator_ema": ..., "discriminator": ...}`` (those present)."""
-        out = {}
-        for file in sorted(self.path.glob("*.safetensors")):
-            out[file.stem] = load_file(str(file))
-        return out
+        """``{"generator": state_dict, "generator_ema": ..., "discriminator": ...}`` (those present),
+        each checked against the SHA-256 in the marker."""
+        digests = self._digests()
+        return {
+            file.stem: load_safetensors(file, sha256=digests.get(file.name))
+            for file in sorted(self.path.glob("*.safetensors"))
+        }
 
     def load_state(self) -> dict:
         """Optimizer/scheduler/RNG/step state, loaded with ``torch.load(weights_only=True)``."""
-        state = load_torch_checkpoint(self.path / STATE_FILE)
+        state = load_torch_checkpoint(self.path / STATE_FILE, sha256=self._digests().get(STATE_FILE))
         if not isinstance(state, dict) or "step" not in state:
             raise WeightsError(f"{self.path / STATE_FILE}: not an fsr training state")
         return state
