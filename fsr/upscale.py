@@ -27,6 +27,7 @@ atomically (:func:`fsr.core.io.write_image`); existing outputs are skipped unles
 from __future__ import annotations
 
 import csv
+import errno
 import io
 import math
 import os
@@ -46,11 +47,16 @@ from fsr.core.device import Compute
 from fsr.core.io import (
     DEFAULT_MAX_PIXELS,
     IMAGE_EXTENSIONS,
+    UNSUPPORTED_IMAGE_EXTENSIONS,
     ImageReadError,
     LoadedImage,
     atomic_write_text,
-    iter_image_files,
+    check_image_suffix,
+    describe_os_error,
+    list_image_files,
+    output_collisions,
     read_image,
+    remove_stale_temporaries,
     to_tensor,
     write_image,
 )
@@ -63,6 +69,7 @@ FORMATS = ("same", "png", "jpg", "webp")
 # Largest side each output format can hold (OpenCV encoders).
 FORMAT_MAX_SIDE = {".webp": 16383, ".jpg": 65535, ".jpeg": 65535}
 CLASSICAL = "classical"
+MIN_INPUT_SIDE = 8  # px: anything smaller holds no face worth super-resolving
 
 
 class UpscaleError(ValueError):
@@ -124,7 +131,7 @@ class ImageResult:
 
     input: str
     output: str
-    status: str  # done | skipped | failed
+    status: str  # done | skipped | failed (bad input) | unwritten (output could not be written)
     mode: str = ""
     reason: str = ""
     width: int = 0
@@ -163,6 +170,10 @@ class UpscaleSummary:
         return self.count("failed")
 
     @property
+    def unwritten(self) -> int:
+        return self.count("unwritten")
+
+    @property
     def modes(self) -> Counter:
         return Counter(r.mode for r in self.results if r.status == "done")
 
@@ -177,7 +188,7 @@ class UpscaleSummary:
     @property
     def succeeded(self) -> bool:
         """False only when every input failed (outputs already present count as successes)."""
-        return self.done + self.skipped > 0 or self.failed == 0
+        return self.done + self.skipped > 0 or self.failed + self.unwritten == 0
 
 
 # ----------------------------------------------------------------------------- planning
@@ -187,6 +198,16 @@ class UpscaleSummary:
 class Job:
     input: Path
     output: Path
+    error: str = ""  # set when listing already showed the input cannot be used
+
+
+class OutputWriteError(OSError):
+    """An output that could not be written (disk full, read-only, no permission): not a bad input."""
+
+    @property
+    def disk_unusable(self) -> bool:
+        """The output disk cannot take more files: the run stops instead of failing every image."""
+        return self.errno in (errno.ENOSPC, errno.EROFS, errno.EDQUOT)
 
 
 def output_suffix(input_path: Path, out_format: str) -> str:
@@ -222,20 +243,32 @@ def plan_jobs(src: str | os.PathLike, dst: str | os.PathLike, options: UpscaleOp
             )
         if dst.exists() and not dst.is_dir():
             raise UpscaleError(f"{dst}: exists and is not a folder (the input {src} is a folder)")
-        for path in iter_image_files(src):
+        listing = list_image_files(src)
+        for path in listing.files:
             rel = path.relative_to(src)
             out = dst / rel.parent / f"{rel.stem}{options.suffix}{output_suffix(path, options.out_format)}"
             jobs.append(Job(path, out))
         if not jobs:
             raise UpscaleError(f"{src}: no image files found ({', '.join(IMAGE_EXTENSIONS)})")
+        jobs += [Job(path, dst / path.relative_to(src), error=reason) for path, reason in listing.skipped]
     else:
-        if dst.suffix.lower() in IMAGE_EXTENSIONS and not dst.is_dir():
+        if dst.suffix.lower() in IMAGE_EXTENSIONS + UNSUPPORTED_IMAGE_EXTENSIONS and not dst.is_dir():
             out = dst if options.out_format == "same" else dst.with_suffix("." + options.out_format)
         else:
             out = dst / f"{src.stem}{options.suffix}{output_suffix(src, options.out_format)}"
+        try:
+            check_image_suffix(src)
+            check_image_suffix(out, "output")
+        except ImageReadError as exc:
+            raise UpscaleError(str(exc)) from None
         jobs.append(Job(src, out))
-    inputs = {job.input.resolve() for job in jobs}
-    for job in jobs:
+    for first, second, output in output_collisions([(j.input, j.output) for j in jobs if not j.error]):
+        raise UpscaleError(
+            f"{first} and {second} would both be written to {output}; rename one of them or upscale them separately"
+        )
+    usable = [job for job in jobs if not job.error]  # a self-referencing link cannot even be resolved
+    inputs = {job.input.resolve() for job in usable}
+    for job in usable:
         if job.output.resolve() in inputs:
             raise UpscaleError(f"{job.output}: refusing to write over an input file; choose another output or --suffix")
     return jobs
@@ -508,19 +541,14 @@ def _prefetch(fn: Callable, items: Iterable, pool: ThreadPoolExecutor, window: i
         yield pending.popleft().result()
 
 
-def _remove_stale_temp_files(output: Path) -> None:
-    """Remove temporary files a killed earlier run left for ``output`` (``.NAME.*.tmp``)."""
-    if output.parent.is_dir():
-        for stale in output.parent.glob(f".{output.name}.*.tmp"):
-            try:
-                stale.unlink()
-            except OSError:
-                pass
-
-
 def _write(job: Job, rgb: np.ndarray, alpha: np.ndarray | None, quality: int) -> None:
-    _remove_stale_temp_files(job.output)
-    write_image(job.output, rgb, alpha, quality=quality)
+    """Write one output atomically; a file-system failure becomes :class:`OutputWriteError`."""
+    try:
+        # only temporaries of this very output (``.NAME.xxxxxxxx.tmp``) that a killed run left
+        remove_stale_temporaries(job.output.parent, lambda target: target == job.output.name)
+        write_image(job.output, rgb, alpha, quality=quality)
+    except OSError as exc:
+        raise OutputWriteError(exc.errno, f"cannot write output {describe_os_error(exc)}") from None
 
 
 def upscale_path(
@@ -544,7 +572,9 @@ def upscale_path(
     results: dict[Path, ImageResult] = {}
     pending: list[Job] = []
     for job in jobs:
-        if job.output.exists() and not options.overwrite:
+        if job.error:
+            results[job.input] = ImageResult(str(job.input), "", "failed", reason=job.error)
+        elif job.output.exists() and not options.overwrite:
             results[job.input] = ImageResult(str(job.input), str(job.output), "skipped", reason="output exists")
         else:
             pending.append(job)
@@ -575,6 +605,9 @@ def upscale_path(
         item = _Loaded(job)
         try:
             image = read_image(job.input, max_pixels=options.max_pixels)
+            if min(image.height, image.width) < MIN_INPUT_SIDE:
+                raise ImageReadError(job.input, f"too small to hold a face ({image.width}x{image.height} px; "
+                                                f"at least {MIN_INPUT_SIDE} px a side)")
             item.mode = choose_mode(image.height, image.width, options)
             channels = 3 + (image.alpha is not None)
             _check_output_size(job, image.height, image.width, channels, image.rgb.itemsize, options.scale)
@@ -630,8 +663,12 @@ def upscale_path(
                     it.seconds += share
                     try:
                         shape, write_s = fut.result()
+                    except OutputWriteError as exc:
+                        if exc.disk_unusable:
+                            raise
+                        record(it, "unwritten", reason=exc.strerror)
                     except Exception as exc:  # noqa: BLE001
-                        record(it, "failed", reason=f"cannot write output ({exc})")
+                        record(it, "failed", reason=f"{exc.__class__.__name__}: {exc}")
                     else:
                         it.seconds += write_s
                         record(
@@ -658,6 +695,10 @@ def upscale_path(
                     t0 = time.perf_counter()
                     rgb, alpha, found, sr_count = upscale_photo(image, system, detector_now, options)
                     _write(item.job, rgb, alpha, options.quality)
+                except OutputWriteError as exc:
+                    if exc.disk_unusable:
+                        raise
+                    record(item, "unwritten", reason=exc.strerror)
                 except MemoryError:
                     record(item, "failed", reason="out of memory (use a smaller --scale or --tile)")
                 except Exception as exc:  # noqa: BLE001 - one bad photo must not stop the run
@@ -674,6 +715,13 @@ def upscale_path(
                     )
                 progress.advance(task)
             flush_faces()
+    except OutputWriteError as exc:  # disk full or read-only: stop, say what is kept
+        pool.shutdown(wait=True, cancel_futures=True)
+        kept = sum(r.status == "done" for r in results.values())
+        raise UpscaleError(
+            f"{exc.strerror}; stopped: {kept} outputs written now are kept, {len(pending) - kept} not done; "
+            "free space (or fix the folder's permissions) and re-run the same command to continue"
+        ) from None
     finally:  # on Ctrl-C / SIGTERM: drop queued reads; writes in flight finish (they are atomic)
         pool.shutdown(wait=True, cancel_futures=True)
 

@@ -18,7 +18,7 @@ from fsr.commands.common import (
     fail,
     make_compute,
 )
-from fsr.core.io import DEFAULT_MAX_PIXELS
+from fsr.core.io import DEFAULT_MAX_PIXELS, describe_os_error
 from fsr.core.weights import WeightsError
 from fsr.data.prepare import PrepareConfig, PrepareError, prepare_dataset
 
@@ -88,9 +88,19 @@ def prepare_command(
         summary = prepare_dataset(sources, dst, config, compute, progress=not quiet)
     except (PrepareError, WeightsError, FileNotFoundError) as exc:
         fail(str(exc))
+    except OSError as exc:  # e.g. an unreadable source folder; write errors arrive as PrepareError
+        fail(f"file-system error: {describe_os_error(exc)}")
     except KeyboardInterrupt:
         fail(f"interrupted; finished chunks are kept in {dst}: run the same command again to resume", code=130)
 
+    console.print(_summary_table(summary, dst))
+    console.print(f"manifest: {dst / 'manifest.csv'}  rejects: {dst / 'rejects.csv'}  ({summary.device})")
+    if summary.faces == 0:
+        fail("nothing could be prepared", code=1)
+
+
+def _summary_table(summary, dst: Path) -> Table:
+    """The counts of a prepare run, one row per count and per split and reject reason."""
     table = Table(title=f"fsr prepare -> {dst}")
     table.add_column("")
     table.add_column("count", justify="right")
@@ -107,7 +117,4 @@ def prepare_command(
     if summary.resumed_images:
         table.add_row("already done (resumed)", f"{summary.resumed_images:,}")
     table.add_row("processed now", f"{summary.processed_images:,} in {summary.seconds:.1f} s ({summary.images_per_second:.1f} img/s)")
-    console.print(table)
-    console.print(f"manifest: {dst / 'manifest.csv'}  rejects: {dst / 'rejects.csv'}  ({summary.device})")
-    if summary.faces == 0:
-        fail("nothing could be prepared", code=1)
+    return table
