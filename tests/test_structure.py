@@ -35,8 +35,6 @@ LAYERS = {
 
 #: Functions still longer than MAX_FUNCTION_LINES: "path::qualified name".
 LONG_FUNCTIONS_TO_SPLIT = {
-    "fsr/commands/prepare.py::prepare_command",
-    "fsr/data/prepare.py::prepare_dataset",
     "fsr/upscale.py::upscale_path",
 }
 
@@ -47,10 +45,6 @@ UPWARD_IMPORTS_TO_FIX = {
 
 #: Imports of fsr modules inside functions with no comment yet: "path::function -> module".
 INNER_IMPORTS_TO_FIX = {
-    "fsr/data/prepare.py::prepare_dataset -> fsr.core.batching",
-    "fsr/data/prepare.py::prepare_dataset -> fsr.detect.mtcnn",
-    "fsr/data/prepare.py::prepare_dataset -> fsr.core.weights",
-    "fsr/data/prepare.py::_detect_with_backoff -> fsr.core.batching",
     "fsr/evaluate/pair.py::extract_face -> fsr.detect.crop",
     "fsr/evaluate/pair.py::verify_photos -> fsr.detect.mtcnn",
     "fsr/evaluate/pair.py::verify_photos -> fsr.models.systems",
