@@ -32,6 +32,7 @@ input file is never written over.
 from __future__ import annotations
 
 import csv
+import errno
 import io
 import json
 import math
@@ -51,11 +52,16 @@ from fsr.core.device import Compute
 from fsr.core.io import (
     DEFAULT_MAX_PIXELS,
     IMAGE_EXTENSIONS,
+    UNSUPPORTED_IMAGE_EXTENSIONS,
     ImageReadError,
     LoadedImage,
     atomic_write_text,
-    iter_image_files,
+    check_image_suffix,
+    describe_os_error,
+    list_image_files,
+    output_collisions,
     read_image,
+    remove_stale_temporaries,
     to_tensor,
     write_image,
 )
@@ -92,6 +98,7 @@ FORMAT_MAX_SIDE = {".webp": 16383, ".jpg": 65535, ".jpeg": 65535}
 CLASSICAL = "classical"
 SETTINGS_FILE = ".fsr-upscale.json"
 DRIFT_FACE_MODEL = "dlib"
+MIN_INPUT_SIDE = 8  # px: anything smaller holds no face worth super-resolving
 
 
 class UpscaleError(ValueError):
@@ -163,7 +170,7 @@ class ImageResult:
 
     input: str
     output: str
-    status: str  # done | skipped | failed
+    status: str  # done | skipped | failed (bad input) | unwritten (output could not be written)
     mode: str = ""
     reason: str = ""
     width: int = 0
@@ -206,6 +213,10 @@ class UpscaleSummary:
         return self.count("failed")
 
     @property
+    def unwritten(self) -> int:
+        return self.count("unwritten")
+
+    @property
     def modes(self) -> Counter:
         return Counter(r.mode for r in self.results if r.status == "done")
 
@@ -224,7 +235,7 @@ class UpscaleSummary:
     @property
     def succeeded(self) -> bool:
         """False only when every input failed (outputs already present count as successes)."""
-        return self.done + self.skipped > 0 or self.failed == 0
+        return self.done + self.skipped > 0 or self.failed + self.unwritten == 0
 
 
 # ----------------------------------------------------------------------------- planning
@@ -234,6 +245,16 @@ class UpscaleSummary:
 class Job:
     input: Path
     output: Path
+    error: str = ""  # set when listing already showed the input cannot be used
+
+
+class OutputWriteError(OSError):
+    """An output that could not be written (disk full, read-only, no permission): not a bad input."""
+
+    @property
+    def disk_unusable(self) -> bool:
+        """The output disk cannot take more files: the run stops instead of failing every image."""
+        return self.errno in (errno.ENOSPC, errno.EROFS, errno.EDQUOT)
 
 
 def output_suffix(input_path: Path, out_format: str) -> str:
@@ -269,20 +290,32 @@ def plan_jobs(src: str | os.PathLike, dst: str | os.PathLike, options: UpscaleOp
             )
         if dst.exists() and not dst.is_dir():
             raise UpscaleError(f"{dst}: exists and is not a folder (the input {src} is a folder)")
-        for path in iter_image_files(src):
+        listing = list_image_files(src)
+        for path in listing.files:
             rel = path.relative_to(src)
             out = dst / rel.parent / f"{rel.stem}{options.suffix}{output_suffix(path, options.out_format)}"
             jobs.append(Job(path, out))
         if not jobs:
             raise UpscaleError(f"{src}: no image files found ({', '.join(IMAGE_EXTENSIONS)})")
+        jobs += [Job(path, dst / path.relative_to(src), error=reason) for path, reason in listing.skipped]
     else:
-        if dst.suffix.lower() in IMAGE_EXTENSIONS and not dst.is_dir():
+        if dst.suffix.lower() in IMAGE_EXTENSIONS + UNSUPPORTED_IMAGE_EXTENSIONS and not dst.is_dir():
             out = dst if options.out_format == "same" else dst.with_suffix("." + options.out_format)
         else:
             out = dst / f"{src.stem}{options.suffix}{output_suffix(src, options.out_format)}"
+        try:
+            check_image_suffix(src)
+            check_image_suffix(out, "output")
+        except ImageReadError as exc:
+            raise UpscaleError(str(exc)) from None
         jobs.append(Job(src, out))
-    inputs = {job.input.resolve() for job in jobs}
-    for job in jobs:
+    for first, second, output in output_collisions([(j.input, j.output) for j in jobs if not j.error]):
+        raise UpscaleError(
+            f"{first} and {second} would both be written to {output}; rename one of them or upscale them separately"
+        )
+    usable = [job for job in jobs if not job.error]  # a self-referencing link cannot even be resolved
+    inputs = {job.input.resolve() for job in usable}
+    for job in usable:
         if job.output.resolve() in inputs:
             raise UpscaleError(f"{job.output}: refusing to write over an input file; choose another output or --suffix")
     return jobs
@@ -397,19 +430,14 @@ def _prefetch(fn: Callable, items: Iterable, pool: ThreadPoolExecutor, window: i
         yield pending.popleft().result()
 
 
-def _remove_stale_temp_files(output: Path) -> None:
-    """Remove temporary files a killed earlier run left for ``output`` (``.NAME.*.tmp``)."""
-    if output.parent.is_dir():
-        for stale in output.parent.glob(f".{output.name}.*.tmp"):
-            try:
-                stale.unlink()
-            except OSError:
-                pass
-
-
 def _write(job: Job, rgb: np.ndarray, alpha: np.ndarray | None, quality: int) -> None:
-    _remove_stale_temp_files(job.output)
-    write_image(job.output, rgb, alpha, quality=quality)
+    """Write one output atomically; a file-system failure becomes :class:`OutputWriteError`."""
+    try:
+        # only temporaries of this very output (``.NAME.xxxxxxxx.tmp``) that a killed run left
+        remove_stale_temporaries(job.output.parent, lambda target: target == job.output.name)
+        write_image(job.output, rgb, alpha, quality=quality)
+    except OSError as exc:
+        raise OutputWriteError(exc.errno, f"cannot write output {describe_os_error(exc)}") from None
 
 
 
@@ -659,7 +687,7 @@ def plan_run(src: str | os.PathLike, dst: str | os.PathLike, jobs: list[Job], op
     refuse (one line naming --overwrite) to mix outputs of other settings."""
     root = output_root(Path(src).expanduser(), Path(dst).expanduser())
     settings = run_settings(options, system)
-    existing = {job.output for job in jobs if job.output.exists()}
+    existing = {job.output for job in jobs if not job.error and job.output.exists()}
     if existing and not options.overwrite:
         conflict = settings_conflict(root, settings)
         if conflict:
@@ -669,7 +697,9 @@ def plan_run(src: str | os.PathLike, dst: str | os.PathLike, jobs: list[Job], op
             )
     known, pending = {}, []
     for job in jobs:
-        if job.output in existing and not options.overwrite:
+        if job.error:
+            known[job.input] = ImageResult(str(job.input), "", "failed", reason=job.error)
+        elif job.output in existing and not options.overwrite:
             known[job.input] = ImageResult(str(job.input), str(job.output), "skipped", reason="output exists")
         else:
             pending.append(job)
@@ -682,6 +712,9 @@ def load_job(job: Job, options: UpscaleOptions) -> _Loaded:
     item = _Loaded(job)
     try:
         image = read_image(job.input, max_pixels=options.max_pixels)
+        if min(image.height, image.width) < MIN_INPUT_SIDE:
+            raise ImageReadError(job.input, f"too small to hold a face ({image.width}x{image.height} px; "
+                                            f"at least {MIN_INPUT_SIDE} px a side)")
         item.mode = choose_mode(image.height, image.width, options)
         channels = 3 + (image.alpha is not None)
         _check_output_size(job, image.height, image.width, channels, image.rgb.itemsize, options.scale)
@@ -702,6 +735,10 @@ def run_photo_job(item: _Loaded, models: RunModels, options: UpscaleOptions) -> 
     try:
         photo = upscale_photo(image, models, options)
         _write(item.job, photo.rgb, photo.alpha, options.quality)
+    except OutputWriteError as exc:
+        if exc.disk_unusable:
+            raise
+        return _result(item, "unwritten", reason=exc.strerror)
     except Exception as exc:  # noqa: BLE001 - one bad image must not stop the run
         return _result(item, "failed", reason=_failure_reason(exc))
     item.seconds += time.perf_counter() - t0
@@ -723,8 +760,13 @@ def run_crop_jobs(items: list[_Loaded], models: RunModels, options: UpscaleOptio
         try:
             alpha = None if image.alpha is None else classical_upscale(image.alpha, options.scale, options.tile)
             _write(item.job, rgb, alpha, options.quality)
+        except OutputWriteError as exc:
+            if exc.disk_unusable:
+                raise
+            results.append(_result(item, "unwritten", reason=exc.strerror))
+            continue
         except Exception as exc:  # noqa: BLE001
-            results.append(_result(item, "failed", reason=f"cannot write output ({exc})"))
+            results.append(_result(item, "failed", reason=f"{exc.__class__.__name__}: {exc}"))
             continue
         item.seconds += share + time.perf_counter() - t1
         results.append(_result(item, "done", image=image, rgb=rgb, faces=[record], model=models.system.name))
@@ -782,6 +824,13 @@ def run_pending(plan: RunPlan, models: RunModels, options: UpscaleOptions) -> tu
                 done = run_crop_jobs(crops, models, options)
                 results.update((Path(r.input), r) for r in done)
                 progress.advance(task, len(done))
+    except OutputWriteError as exc:  # disk full or read-only: stop, say what is kept
+        pool.shutdown(wait=True, cancel_futures=True)
+        kept = sum(r.status == "done" for r in results.values()) - sum(r.status == "done" for r in plan.known.values())
+        raise UpscaleError(
+            f"{exc.strerror}; stopped: {kept} outputs written now are kept, {len(plan.pending) - kept} not done; "
+            "free space (or fix the folder's permissions) and re-run the same command to continue"
+        ) from None
     finally:  # on Ctrl-C / SIGTERM: drop queued reads; writes in flight finish (they are atomic)
         pool.shutdown(wait=True, cancel_futures=True)
     return results, time.perf_counter() - started
@@ -868,7 +917,7 @@ def write_report(path: str | os.PathLike, summary: UpscaleSummary) -> None:
 
 
 def throughput(summary: UpscaleSummary) -> float:
-    """Images per second while processing (done + failed over the progress bar's clock): the
+    """Images per second while processing (done, failed or unwritten, over the progress bar's clock): the
     rate the progress bar shows. Skipped outputs and model loading are not counted."""
-    processed = summary.done + summary.failed
+    processed = summary.done + summary.failed + summary.unwritten
     return processed / summary.processing_seconds if summary.processing_seconds > 0 else math.nan

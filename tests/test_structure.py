@@ -34,21 +34,13 @@ LAYERS = {
 }
 
 #: Functions still longer than MAX_FUNCTION_LINES: "path::qualified name".
-LONG_FUNCTIONS_TO_SPLIT = {
-    "fsr/commands/prepare.py::prepare_command",
-    "fsr/data/prepare.py::prepare_dataset",
-}
+LONG_FUNCTIONS_TO_SPLIT: set[str] = set()
 
 #: Imports that still run upward: "path -> module".
 UPWARD_IMPORTS_TO_FIX: set[str] = set()
 
 #: Imports of fsr modules inside functions with no comment yet: "path::function -> module".
-INNER_IMPORTS_TO_FIX = {
-    "fsr/data/prepare.py::prepare_dataset -> fsr.core.batching",
-    "fsr/data/prepare.py::prepare_dataset -> fsr.detect.mtcnn",
-    "fsr/data/prepare.py::prepare_dataset -> fsr.core.weights",
-    "fsr/data/prepare.py::_detect_with_backoff -> fsr.core.batching",
-}
+INNER_IMPORTS_TO_FIX: set[str] = set()
 
 
 def python_files() -> list[Path]:

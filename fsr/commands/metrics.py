@@ -7,7 +7,9 @@ from pathlib import Path
 import typer
 
 from fsr.commands.common import BatchSizeOpt, DeviceOpt, PrecisionOpt, ThreadsOpt, console, err_console, fail, make_compute
+from fsr.core.io import describe_os_error
 from fsr.core.weights import WeightsError
+from fsr.data.manifest import ManifestError
 from fsr.evaluate.identity import FaceModelError
 from fsr.evaluate.metrics import MetricsError, paired_table, run_metrics, summary_table
 
@@ -50,8 +52,10 @@ def metrics_command(
             face_model=model, face_weights=weights, split=split, limit=limit or None,
             heatmap_first=heatmap, heatmap_keys=list(heatmap_images), baseline=baseline,
         )
-    except (MetricsError, FaceModelError, WeightsError, FileNotFoundError) as exc:
+    except (MetricsError, FaceModelError, WeightsError, FileNotFoundError, ManifestError) as exc:
         fail(str(exc))
+    except OSError as exc:
+        fail(f"cannot write {describe_os_error(exc)}; no metrics were saved in {out}")
     for line in report.skipped:
         err_console.print(f"[yellow]skipped:[/] {line}", highlight=False)
     console.print(summary_table(report))

@@ -18,7 +18,7 @@ from fsr.commands.common import (
     fail,
     make_compute,
 )
-from fsr.core.io import DEFAULT_MAX_PIXELS
+from fsr.core.io import DEFAULT_MAX_PIXELS, describe_os_error
 from fsr.core.weights import WeightsError
 from fsr.data.prepare import PrepareConfig, PrepareError, prepare_dataset
 from fsr.data.selection import SelectionError, select_images
@@ -70,11 +70,7 @@ def prepare_command(
     for option, value in (("--identities", identities), ("--partition", partition), ("--exclude-identities", exclude_identities)):
         if value is not None and not value.is_file():
             fail(f"{value}: {option} file not found")
-    if pairs is not None or limit:
-        try:
-            sources = select_images([Path(s) for s in sources], pairs, limit)
-        except SelectionError as exc:
-            fail(str(exc))
+    sources = _selected_sources(sources, pairs, limit)
     compute = make_compute(device, precision, batch_size, threads, seed)
     config = PrepareConfig(
         identities_file=identities,
@@ -96,9 +92,29 @@ def prepare_command(
         summary = prepare_dataset(sources, dst, config, compute, progress=not quiet)
     except (PrepareError, WeightsError, FileNotFoundError) as exc:
         fail(str(exc))
+    except OSError as exc:  # e.g. an unreadable source folder; write errors arrive as PrepareError
+        fail(f"file-system error: {describe_os_error(exc)}")
     except KeyboardInterrupt:
         fail(f"interrupted; finished chunks are kept in {dst}: run the same command again to resume", code=130)
 
+    console.print(_summary_table(summary, dst))
+    console.print(f"manifest: {dst / 'manifest.csv'}  rejects: {dst / 'rejects.csv'}  ({summary.device})")
+    if summary.faces == 0:
+        fail("nothing could be prepared", code=1)
+
+
+def _selected_sources(sources: list[Path], pairs: Path | None, limit: int) -> list[Path]:
+    """The sources as given, or only the images ``--pairs`` names / the first ``--limit``."""
+    if pairs is None and not limit:
+        return sources
+    try:
+        return select_images([Path(s) for s in sources], pairs, limit)
+    except SelectionError as exc:
+        fail(str(exc))
+
+
+def _summary_table(summary, dst: Path) -> Table:
+    """The counts of a prepare run, one row per count and per split and reject reason."""
     table = Table(title=f"fsr prepare -> {dst}")
     table.add_column("")
     table.add_column("count", justify="right")
@@ -115,7 +131,4 @@ def prepare_command(
     if summary.resumed_images:
         table.add_row("already done (resumed)", f"{summary.resumed_images:,}")
     table.add_row("processed now", f"{summary.processed_images:,} in {summary.seconds:.1f} s ({summary.images_per_second:.1f} img/s)")
-    console.print(table)
-    console.print(f"manifest: {dst / 'manifest.csv'}  rejects: {dst / 'rejects.csv'}  ({summary.device})")
-    if summary.faces == 0:
-        fail("nothing could be prepared", code=1)
+    return table

@@ -18,7 +18,7 @@ from fsr.commands.common import (
     fail,
     make_compute,
 )
-from fsr.core.io import DEFAULT_MAX_PIXELS
+from fsr.core.io import DEFAULT_MAX_PIXELS, describe_os_error
 from fsr.models.face.pipeline import DEFAULT_MAX_DRIFT, DEFAULT_MIN_FACE, DEFAULT_MIN_SCORE
 from fsr.upscale import UpscaleError, UpscaleOptions, UpscaleSummary, throughput, upscale_path, write_report
 
@@ -95,10 +95,13 @@ def upscale_command(
     except KeyboardInterrupt:
         fail("interrupted; finished outputs are kept, re-run the same command to continue", code=130)
     for result in summary.results:
-        if result.status == "failed":
+        if result.status in ("failed", "unwritten"):
             err_console.print(f"[yellow]skipped[/] {result.input}: {result.reason}", highlight=False, soft_wrap=True)
     if report is not None:
-        write_report(report, summary)
+        try:
+            write_report(report, summary)
+        except OSError as exc:
+            fail(f"cannot write the report {report} ({describe_os_error(exc)}); the {summary.done} upscaled images are kept")
     console.print(_summary_table(summary))
     console.print(f"outputs: {summary.output_root}", highlight=False, soft_wrap=True)
     if report is not None:
@@ -114,6 +117,8 @@ def _summary_table(summary: UpscaleSummary) -> Table:
     table.add_row("upscaled", str(summary.done))
     table.add_row("already done (skipped)", str(summary.skipped))
     table.add_row("bad inputs (skipped)", str(summary.failed))
+    if summary.unwritten:
+        table.add_row("outputs that could not be written", str(summary.unwritten))
     modes = summary.modes
     table.add_row("faces mode / photo mode", f"{modes.get('faces', 0)} / {modes.get('photo', 0)}")
     table.add_row("faces found / super-resolved", f"{summary.faces_found} / {summary.faces_sr}")

@@ -13,7 +13,9 @@ renamed over the target, so an interrupted run never leaves a half-written file.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import re
 import tempfile
 import warnings
 from collections.abc import Callable, Iterator
@@ -26,7 +28,14 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
-DEFAULT_MAX_PIXELS = 200_000_000  # 200 MP; raise with --max-pixels for bigger scans
+# Image formats fsr does not read: reported (not silently ignored) when found in an input folder.
+UNSUPPORTED_IMAGE_EXTENSIONS = (
+    ".gif", ".heic", ".heif", ".avif", ".jxl", ".jp2", ".j2k", ".svg", ".ico", ".psd", ".tga",
+    ".dng", ".cr2", ".cr3", ".nef", ".arw", ".orf", ".rw2", ".raf",
+)
+# 50 MP: a x4 upscale of it peaks near 5 GB, well under a laptop's memory; every phone and
+# most camera photos fit. Checked on the declared size, before decoding. Raise with --max-pixels.
+DEFAULT_MAX_PIXELS = 50_000_000
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -297,12 +306,150 @@ def is_image_file(path: Path) -> bool:
     return path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS
 
 
-def iter_image_files(root: str | os.PathLike) -> list[Path]:
-    """All image files under ``root`` (recursively, sorted); ``root`` itself if it is a file."""
+@dataclass
+class ImageListing:
+    """What :func:`list_image_files` found: image files to read, and everything skipped with why.
+
+    files: sorted image paths. skipped: (path, one-line reason) for unsupported image
+    formats, folders named like images, broken links, symlink loops and unreadable folders.
+    """
+
+    files: list[Path]
+    skipped: list[tuple[Path, str]]
+
+
+def _skip_reason(path: Path) -> str | None:
+    suffix = path.suffix.lower()
+    if suffix in UNSUPPORTED_IMAGE_EXTENSIONS:
+        return f"unsupported format {suffix[1:].upper()} (fsr reads {', '.join(e[1:] for e in IMAGE_EXTENSIONS)})"
+    if suffix in IMAGE_EXTENSIONS and path.is_symlink() and not path.exists():
+        return "broken symbolic link"
+    return None
+
+
+def list_image_files(root: str | os.PathLike, *, skip_dirs: Callable[[Path], bool] | None = None) -> ImageListing:
+    """All image files under ``root`` (recursively, following links, sorted), and what was skipped.
+
+    ``root`` itself when it is a file. ``skip_dirs(folder)`` True leaves a folder out
+    silently (e.g. a command's own outputs). A symbolic link back into a folder already
+    being walked is a loop: reported, not followed.
+    """
     root = Path(root)
     if root.is_file():
-        return [root]
+        return ImageListing([root], [])
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: no such file or folder")
-    files = [p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()]
-    return sorted(files)
+    files: list[Path] = []
+    skipped: list[tuple[Path, str]] = []
+    _walk(root, (), files, skipped, skip_dirs)
+    return ImageListing(sorted(files), sorted(skipped))
+
+
+def _walk(folder: Path, ancestors: tuple, files: list, skipped: list, skip_dirs) -> None:
+    try:
+        real = folder.stat()
+        entries = sorted(os.scandir(folder), key=lambda e: e.name)
+    except OSError as exc:
+        skipped.append((folder, f"cannot list folder ({exc.strerror or exc})"))
+        return
+    here = (*ancestors, (real.st_dev, real.st_ino))
+    for entry in entries:
+        path = Path(entry.path)
+        try:
+            is_dir = entry.is_dir()  # follows links
+        except OSError as exc:
+            skipped.append((path, f"cannot read ({exc.strerror or exc})"))
+            continue
+        if not is_dir:
+            reason = _skip_reason(path)
+            if reason:
+                skipped.append((path, reason))
+            elif path.suffix.lower() in IMAGE_EXTENSIONS and entry.is_file():
+                files.append(path)
+            continue
+        if skip_dirs is not None and skip_dirs(path):
+            continue
+        try:
+            st = path.stat()
+        except OSError as exc:
+            skipped.append((path, f"cannot read ({exc.strerror or exc})"))
+            continue
+        if (st.st_dev, st.st_ino) in here:
+            skipped.append((path, "symbolic link loop (points back to a folder above it); not followed"))
+            continue
+        if path.suffix.lower() in IMAGE_EXTENSIONS:
+            skipped.append((path, "a folder, not an image file (its contents are listed)"))
+        _walk(path, here, files, skipped, skip_dirs)
+
+
+def iter_image_files(root: str | os.PathLike) -> list[Path]:
+    """All image files under ``root`` (recursively, sorted); ``root`` itself if it is a file."""
+    return list_image_files(root).files
+
+
+def check_image_suffix(path: str | os.PathLike, what: str = "input") -> None:
+    """Raise :class:`ImageReadError` when ``path``'s suffix is not a format fsr reads and writes."""
+    suffix = Path(path).suffix.lower()
+    if suffix not in IMAGE_EXTENSIONS:
+        shown = suffix[1:].upper() if suffix else "no suffix"
+        raise ImageReadError(
+            path, f"unsupported {what} format {shown} (fsr reads and writes {', '.join(e[1:] for e in IMAGE_EXTENSIONS)})"
+        )
+
+
+def output_collisions(pairs: list[tuple[Path, Path]]) -> list[tuple[Path, Path, Path]]:
+    """(first input, second input, shared output) for inputs whose outputs would be the same file.
+
+    Output paths are compared case-insensitively (``b.jpg`` and ``b.JPG`` both give ``b.jpg``;
+    on macOS and Windows ``B.png`` and ``b.png`` are one file too).
+    """
+    seen: dict[str, Path] = {}
+    clashes = []
+    for source, output in pairs:
+        key = os.path.normpath(os.path.abspath(output)).casefold()
+        if key in seen:
+            clashes.append((seen[key], source, output))
+        else:
+            seen[key] = source
+    return clashes
+
+
+# ----------------------------------------------------------------------------- temporaries and disk errors
+
+_TEMP_NAME = re.compile(r"^\.(?P<target>.+)\.[a-z0-9_]{8}\.tmp$")
+
+
+def temporary_target(name: str) -> str | None:
+    """The output file name a temporary written by :func:`atomic_path` was for, else None."""
+    match = _TEMP_NAME.match(name)
+    return match.group("target") if match else None
+
+
+def remove_stale_temporaries(folder: Path, is_ours: Callable[[str], bool]) -> int:
+    """Delete temporaries a killed run left in ``folder`` (not recursive) for outputs
+    ``is_ours(output name)`` accepts; any other file is left alone. Returns how many."""
+    removed = 0
+    if not folder.is_dir():
+        return 0
+    for path in folder.glob(".*.tmp"):
+        target = temporary_target(path.name)
+        if target is not None and is_ours(target) and path.is_file():
+            with contextlib.suppress(OSError):
+                path.unlink()
+                removed += 1
+    return removed
+
+
+DISK_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EFBIG, errno.EIO}
+
+
+def describe_os_error(exc: OSError) -> str:
+    """``"<path>: <reason>"`` for a file-system error, one line (``No space left on device``)."""
+    reason = exc.strerror or str(exc) or exc.__class__.__name__
+    where = exc.filename if exc.filename is not None else ""
+    return f"{where}: {reason}" if where else reason
+
+
+def is_disk_error(exc: BaseException) -> bool:
+    """True for errors of the output disk itself (full, read-only, no permission, quota)."""
+    return isinstance(exc, OSError) and exc.errno in DISK_ERRNOS

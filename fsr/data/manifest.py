@@ -39,6 +39,10 @@ COLUMNS = (
 )
 
 
+class ManifestError(ValueError):
+    """A manifest.csv that is not fsr's or is truncated. ``str()`` is one line naming the file."""
+
+
 @dataclass
 class FaceRecord:
     """One prepared face.
@@ -129,8 +133,20 @@ def read_manifest(prepared_dir: str | os.PathLike) -> list[FaceRecord]:
         reader = csv.DictReader(fh)
         missing = [c for c in COLUMNS if c not in (reader.fieldnames or [])]
         if missing:
-            raise ValueError(f"{path}: not an fsr manifest (missing columns {', '.join(missing)})")
-        return [FaceRecord.from_row(row) for row in reader]
+            raise ManifestError(f"{path}: not an fsr manifest (missing columns {', '.join(missing)})")
+        records = []
+        for row in reader:
+            try:
+                empty = [c for c in COLUMNS if row.get(c) in (None, "")]
+                if empty:
+                    raise ValueError(f"no value for {', '.join(empty[:3])}")
+                records.append(FaceRecord.from_row(row))
+            except (TypeError, ValueError, KeyError) as exc:
+                raise ManifestError(
+                    f"{path}:{reader.line_num}: truncated or malformed row ({exc.__class__.__name__}: {exc}); "
+                    "re-run fsr prepare to rewrite the manifest"
+                ) from None
+        return records
 
 
 def write_rejects(prepared_dir: str | os.PathLike, rejects: list[tuple[str, str]]) -> Path:

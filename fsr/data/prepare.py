@@ -16,12 +16,19 @@ re-run reads the journal, skips finished chunks (same images, outputs present), 
 the rest with the same chunk boundaries, and writes ``manifest.csv``/``rejects.csv``
 atomically, sorted, only when everything is done. An interrupted (SIGINT or SIGKILL)
 run therefore ends, once re-run, with the same manifest and files as an uninterrupted one.
+
+Ownership: ``prepare.json`` marks a folder as made by fsr prepare. A DST that holds a
+manifest, summary, ``hr/`` or ``lr/`` without it is refused (nothing of the user's is
+overwritten); after a kill only the temporaries of this run's own outputs are removed;
+DST's ``hr/``/``lr/`` and any other prepared folder inside a source are never read as
+source photos. Stages: :func:`plan_prepare` -> :func:`run_chunks` -> :func:`write_results`.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -32,8 +39,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fsr.core.batching import is_out_of_memory, make_progress
 from fsr.core.device import Compute
-from fsr.core.io import DEFAULT_MAX_PIXELS, ImageReadError, iter_image_files, read_image, write_image
+from fsr.core.io import (
+    DEFAULT_MAX_PIXELS,
+    ImageReadError,
+    describe_os_error,
+    list_image_files,
+    read_image,
+    remove_stale_temporaries,
+    write_image,
+)
+from fsr.core.weights import write_json
 from fsr.data.degrade import bicubic_down
 from fsr.data.manifest import (
     MANIFEST_FILE,
@@ -43,10 +60,12 @@ from fsr.data.manifest import (
     write_rejects,
 )
 from fsr.detect.crop import DEFAULT_MARGIN, crop_square, square_box
+from fsr.detect.mtcnn import MTCNN
 
 JOURNAL_FILE = ".prepare-journal.jsonl"
 SETTINGS_FILE = "prepare.json"
 SUMMARY_FILE = "summary.json"
+OWNED_FILES = (MANIFEST_FILE, REJECTS_FILE, SUMMARY_FILE, SETTINGS_FILE, JOURNAL_FILE)  # fsr prepare's own files in DST
 SELECT_CHOICES = ("confident", "largest", "center")
 FORMAT_VERSION = 1
 
@@ -177,33 +196,54 @@ def _assign_splits(identities: list[str], test_fraction: float, val_fraction: fl
     return splits
 
 
-def list_work(
-    sources: list[Path], dst: Path, config: PrepareConfig, seed: int
-) -> tuple[list[WorkItem], list[tuple[str, str]], int]:
-    """Image files -> (work items sorted by key, early rejects, number excluded)."""
-    dst_resolved = dst.resolve()
-    prefix = len(sources) > 1
-    names = [s.resolve().name for s in sources]
-    if prefix and len(set(names)) != len(names):
-        raise PrepareError(f"source folders must have distinct names, got {', '.join(names)}")
+def _list_sources(sources: list[Path], dst: Path, prefix: bool) -> tuple[list[tuple[str, Path]], list[tuple[str, str]]]:
+    """(key, path) of every source image, sorted by key, and (key, reason) for what was skipped.
+
+    Left out: DST's own ``hr/`` and ``lr/`` (so DST may lie inside a source and a source inside
+    DST) and any other folder fsr prepare made (its crops are not new faces; reported).
+    """
+    own = {(dst / "hr").resolve(), (dst / "lr").resolve()}
     entries: list[tuple[str, Path]] = []
+    skipped: list[tuple[str, str]] = []
     for source in sources:
         if not source.exists():
             raise PrepareError(f"{source}: no such file or folder")
         root = source if source.is_dir() else source.parent
-        for path in iter_image_files(source):
-            resolved = path.resolve()
-            if dst_resolved == resolved or dst_resolved in resolved.parents:
-                continue  # never read our own outputs
+
+        def key(path: Path, root: Path = root) -> str:
             rel = path.relative_to(root).as_posix()
-            entries.append((f"{root.resolve().name}/{rel}" if prefix else rel, path))
+            return f"{root.resolve().name}/{rel}" if prefix else rel
+
+        def skip_dir(folder: Path, root: Path = root) -> bool:
+            if folder.resolve() in own:
+                return True
+            if _is_prepared_folder(folder) and folder.resolve() != dst.resolve():
+                skipped.append((key(folder), "skipped: an fsr prepare output folder (its crops are not source photos)"))
+                return True
+            return False
+
+        listing = list_image_files(source, skip_dirs=skip_dir)
+        entries.extend((key(path), path) for path in listing.files)
+        skipped.extend((key(path), f"skipped: {reason}") for path, reason in listing.skipped)
     entries.sort(key=lambda e: e[0])
+    return entries, skipped
+
+
+def list_work(
+    sources: list[Path], dst: Path, config: PrepareConfig, seed: int
+) -> tuple[list[WorkItem], list[tuple[str, str]], int]:
+    """Image files -> (work items sorted by key, early rejects, number excluded)."""
+    prefix = len(sources) > 1
+    names = [s.resolve().name for s in sources]
+    if prefix and len(set(names)) != len(names):
+        raise PrepareError(f"source folders must have distinct names, got {', '.join(names)}")
+    entries, listing_rejects = _list_sources(sources, dst, prefix)
 
     identity_table = _read_key_value_file(config.identities_file, "identity") if config.identities_file else None
     partition_table = _read_key_value_file(config.partition_file, "partition") if config.partition_file else None
     excluded_names = read_name_list(config.exclude_identities) if config.exclude_identities else set()
 
-    rejects: list[tuple[str, str]] = []
+    rejects: list[tuple[str, str]] = listing_rejects
     staged: list[tuple[str, Path, str]] = []
     excluded = 0
     for key, path in entries:
@@ -319,7 +359,11 @@ class Journal:
         self.chunks[int(record["chunk"])] = record
 
     def close(self) -> None:
-        self.handle.close()
+        """Close; a failed flush (disk full) is dropped: a torn last line is cut off on the next open."""
+        try:
+            self.handle.close()
+        except OSError:
+            pass
 
 
 # ----------------------------------------------------------------------------- per-image work
@@ -343,7 +387,7 @@ def _select_faces(detections, image_shape, config: PrepareConfig) -> tuple[list[
     sides = np.maximum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1])
     big = [i for i in range(len(detections)) if sides[i] >= config.min_face]
     if not big:
-        return [], f"face too small: largest box {sides.max():.0f} px < --min-face {config.min_face:g} px"
+        return [], f"face too small: largest box {sides.max():.1f} px < --min-face {config.min_face:g} px"
     if config.all_faces:
         return big, None
     if config.select == "largest":
@@ -369,6 +413,18 @@ def _write_face(image: np.ndarray, crop: tuple[int, int, int], hr_path: Path, lr
 # ----------------------------------------------------------------------------- main entry
 
 
+@dataclass
+class PreparePlan:
+    """What a run will do: the work in fixed chunks, and the rejects known before decoding."""
+
+    sources: list[Path]
+    dst: Path
+    items: list[WorkItem]
+    chunks: list[list[WorkItem]]
+    early_rejects: list[tuple[str, str]]
+    excluded: int
+
+
 def prepare_dataset(
     sources: list[str | os.PathLike] | str | os.PathLike,
     dst: str | os.PathLike,
@@ -383,14 +439,36 @@ def prepare_dataset(
     """Prepare ``sources`` (folders or files) into ``dst``; resumable, see the module doc.
 
     chunk_size: images per detection batch and per journal entry (default
-    ``compute.batch_size``; a resumed run keeps the first run's value).
+    ``compute.batch_size``; a resumed run keeps the first run's value). A file-system
+    error (full disk, read-only or forbidden DST) is a one-line :class:`PrepareError`
+    saying what is kept.
     """
-    from fsr.core.batching import make_progress
-    from fsr.detect.mtcnn import MTCNN
-
     started = time.perf_counter()
     config = config or PrepareConfig()
     compute = compute or Compute.create("cpu")
+    plan = plan_prepare(sources, dst, config, compute, chunk_size)
+    journal: Journal | None = None
+    try:
+        journal = Journal(plan.dst / JOURNAL_FILE)
+        summary = PrepareSummary(dst=str(plan.dst), images_found=len(plan.items) + len(plan.early_rejects) + plan.excluded,
+                                 images_excluded=plan.excluded, device=compute.describe())
+        run_chunks(plan, journal, config, compute, summary, progress=progress, detector=detector, on_chunk=on_chunk)
+        journal.close()
+        write_results(plan, journal, summary, started)
+    except OSError as exc:
+        done = sum(len(r["results"]) for r in journal.chunks.values()) if journal is not None else 0
+        raise PrepareError(
+            f"cannot write {describe_os_error(exc)}; {done} finished images are kept in {plan.dst} "
+            "(free space or fix the folder's permissions, then run the same command again to resume)"
+        ) from None
+    finally:
+        if journal is not None:
+            journal.close()
+    return summary
+
+
+def plan_prepare(sources, dst, config: PrepareConfig, compute: Compute, chunk_size: int | None) -> PreparePlan:
+    """Check the request, list the work and record the settings in DST (refusing a DST fsr did not make)."""
     if isinstance(sources, (str, os.PathLike)):
         sources = [sources]
     source_paths = [Path(s) for s in sources]
@@ -406,101 +484,133 @@ def prepare_dataset(
     for src in source_paths:
         if src.resolve() == dst.resolve():
             raise PrepareError(f"{dst}: the destination must differ from the source")
-
+    check_destination(dst)
     items, early_rejects, excluded = list_work(source_paths, dst, config, compute.seed)
-    dst.mkdir(parents=True, exist_ok=True)
-    settings = _load_settings(dst, _settings(source_paths, config, compute.seed, chunk_size or compute.batch_size))
-    from fsr.core.weights import write_json
+    wanted = _settings(source_paths, config, compute.seed, chunk_size or compute.batch_size)
+    try:
+        dst.mkdir(parents=True, exist_ok=True)
+        settings = _load_settings(dst, wanted)
+        write_json(dst / SETTINGS_FILE, settings)
+    except OSError as exc:
+        raise PrepareError(f"cannot write {describe_os_error(exc)}; nothing was prepared") from None
+    size = int(settings["chunk_size"])
+    chunks = [items[i : i + size] for i in range(0, len(items), size)]
+    return PreparePlan(source_paths, dst, items, chunks, early_rejects, excluded)
 
-    write_json(dst / SETTINGS_FILE, settings)
-    size_chunk = int(settings["chunk_size"])
-    chunks = [items[i : i + size_chunk] for i in range(0, len(items), size_chunk)]
 
-    journal = Journal(dst / JOURNAL_FILE)
+def check_destination(dst: Path) -> None:
+    """Refuse a DST that holds files fsr prepare writes (manifest, summary, hr/, lr/ ...) but
+    that no fsr prepare made (no ``prepare.json`` of ours): they would be overwritten."""
+    if not dst.is_dir() or _is_prepared_folder(dst):
+        return
+    clashes = [name for name in OWNED_FILES if (dst / name).exists()]
+    clashes += [f"{name}/" for name in ("hr", "lr") if (dst / name).is_dir() and any((dst / name).iterdir())]
+    if clashes:
+        raise PrepareError(
+            f"{dst}: already holds {', '.join(clashes)} not written by fsr prepare (no {SETTINGS_FILE}); "
+            "choose an empty or new destination folder"
+        )
 
-    def chunk_done(index: int, chunk: list[WorkItem]) -> bool:
-        record = journal.chunks.get(index)
-        if record is None or [r["key"] for r in record["results"]] != [item.key for item in chunk]:
-            return False
-        for result in record["results"]:
-            for face in result.get("faces", []):
-                if not (dst / face["hr"]).is_file() or not (dst / face["lr"]).is_file():
-                    return False
-        return True
 
-    pending = [i for i, chunk in enumerate(chunks) if not chunk_done(i, chunk)]
-    summary = PrepareSummary(dst=str(dst), images_found=len(items) + len(early_rejects) + excluded, images_excluded=excluded)
-    summary.resumed_images = sum(len(chunks[i]) for i in range(len(chunks)) if i not in set(pending))
-    summary.device = compute.describe()
+def _is_prepared_folder(folder: Path) -> bool:
+    """True when ``folder`` was made by fsr prepare (holds our ``prepare.json``)."""
+    try:
+        settings = json.loads((folder / SETTINGS_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(settings, dict) and "format" in settings and "sources" in settings
 
-    if pending:
-        (dst / MANIFEST_FILE).unlink(missing_ok=True)
-        _remove_stale_temporaries(dst)
-        detector = detector or MTCNN.load(compute)
-        workers = max(1, int(config.workers))
-        pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fsr-prepare")
-        n_pending = sum(len(chunks[i]) for i in pending)
-        bar = make_progress("img", disable=not progress)
-        try:
-            with bar:
-                task = bar.add_task("prepare", total=n_pending)
 
-                def submit_decode(index: int) -> list[Future]:
-                    return [pool.submit(_decode, item, config.max_pixels) for item in chunks[index]]
+def _chunk_done(plan: PreparePlan, journal: Journal, index: int) -> bool:
+    """True when the journal holds chunk ``index`` for the same images and its outputs exist."""
+    record = journal.chunks.get(index)
+    if record is None or [r["key"] for r in record["results"]] != [item.key for item in plan.chunks[index]]:
+        return False
+    return all(
+        (plan.dst / face["hr"]).is_file() and (plan.dst / face["lr"]).is_file()
+        for result in record["results"]
+        for face in result.get("faces", [])
+    )
 
-                decoded_next = submit_decode(pending[0])
-                waiting: tuple[dict, list[Future]] | None = None
-                for position, index in enumerate(pending):
-                    decoded = [f.result() for f in decoded_next]
-                    if position + 1 < len(pending):
-                        decoded_next = submit_decode(pending[position + 1])
-                    record, writes = _process_chunk(index, chunks[index], decoded, detector, config, dst, pool)
-                    if waiting is not None:
-                        _commit(journal, *waiting)
-                    waiting = (record, writes)
-                    summary.processed_images += len(chunks[index])
-                    bar.advance(task, len(chunks[index]))
-                    if on_chunk is not None:
-                        on_chunk(index)
+
+def run_chunks(plan: PreparePlan, journal: Journal, config: PrepareConfig, compute: Compute, summary: PrepareSummary,
+               *, progress: bool, detector, on_chunk) -> None:
+    """Detect, crop and write every chunk the journal does not hold yet; decode one chunk ahead."""
+    chunks = plan.chunks
+    pending = [i for i in range(len(chunks)) if not _chunk_done(plan, journal, i)]
+    summary.resumed_images = sum(len(chunks[i]) for i in set(range(len(chunks))) - set(pending))
+    if not pending:
+        return
+    (plan.dst / MANIFEST_FILE).unlink(missing_ok=True)
+    _remove_stale_temporaries(plan)
+    detector = detector or MTCNN.load(compute)
+    pool = ThreadPoolExecutor(max_workers=max(1, int(config.workers)), thread_name_prefix="fsr-prepare")
+    bar = make_progress("img", disable=not progress)
+    try:
+        with bar:
+            task = bar.add_task("prepare", total=sum(len(chunks[i]) for i in pending))
+
+            def submit_decode(index: int) -> list[Future]:
+                return [pool.submit(_decode, item, config.max_pixels) for item in chunks[index]]
+
+            decoded_next = submit_decode(pending[0])
+            waiting: tuple[dict, list[Future]] | None = None
+            for position, index in enumerate(pending):
+                decoded = [f.result() for f in decoded_next]
+                if position + 1 < len(pending):
+                    decoded_next = submit_decode(pending[position + 1])
+                record, writes = _process_chunk(index, chunks[index], decoded, detector, config, plan.dst, pool)
                 if waiting is not None:
                     _commit(journal, *waiting)
-        finally:
-            pool.shutdown(wait=True, cancel_futures=True)
-            journal.close()
-    else:
-        journal.close()
+                waiting = (record, writes)
+                summary.processed_images += len(chunks[index])
+                bar.advance(task, len(chunks[index]))
+                if on_chunk is not None:
+                    on_chunk(index)
+            if waiting is not None:
+                _commit(journal, *waiting)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
-    # Everything done: assemble the manifest from the journal, sorted by source key.
+
+def _collect(plan: PreparePlan, journal: Journal) -> tuple[list[FaceRecord], list[tuple[str, str]], Counter, int]:
+    """(face records, rejects, reject reasons, images prepared) from the journal, in source order."""
     records: list[FaceRecord] = []
-    rejects = list(early_rejects)
-    reasons: Counter[str] = Counter(reason.split(":")[0] for _, reason in early_rejects)
+    rejects = list(plan.early_rejects)
+    reasons: Counter[str] = Counter(reason.split(":")[0] for _, reason in plan.early_rejects)
     prepared = 0
-    for index, chunk in enumerate(chunks):
+    for index in range(len(plan.chunks)):
         for result in journal.chunks[index]["results"]:
             if "reason" in result:
                 rejects.append((result["key"], result["reason"]))
                 reasons[result["reason"].split(":")[0]] += 1
                 continue
             prepared += 1
-            for face in result["faces"]:
-                records.append(
-                    FaceRecord(
-                        face_id=face["face_id"],
-                        source=result["key"],
-                        identity=result["identity"],
-                        split=result["split"],
-                        score=face["score"],
-                        box=tuple(face["box"]),  # type: ignore[arg-type]
-                        crop=tuple(face["crop"]),  # type: ignore[arg-type]
-                        landmarks=np.asarray(face["landmarks"], dtype=np.float32),
-                        hr=face["hr"],
-                        lr=face["lr"],
-                    )
-                )
+            records.extend(_face_record(result, face) for face in result["faces"])
     rejects.sort()
-    write_rejects(dst, rejects)
-    write_manifest(dst, records)
+    return records, rejects, reasons, prepared
 
+
+def _face_record(result: dict, face: dict) -> FaceRecord:
+    return FaceRecord(
+        face_id=face["face_id"],
+        source=result["key"],
+        identity=result["identity"],
+        split=result["split"],
+        score=face["score"],
+        box=tuple(face["box"]),  # type: ignore[arg-type]
+        crop=tuple(face["crop"]),  # type: ignore[arg-type]
+        landmarks=np.asarray(face["landmarks"], dtype=np.float32),
+        hr=face["hr"],
+        lr=face["lr"],
+    )
+
+
+def write_results(plan: PreparePlan, journal: Journal, summary: PrepareSummary, started: float) -> None:
+    """Everything done: write rejects.csv, manifest.csv (sorted by source key) and summary.json."""
+    records, rejects, reasons, prepared = _collect(plan, journal)
+    write_rejects(plan.dst, rejects)
+    write_manifest(plan.dst, records)
     summary.images_prepared = prepared
     summary.images_rejected = len(rejects)
     summary.faces = len(records)
@@ -513,16 +623,25 @@ def prepare_dataset(
     summary.identities_per_split = {s: len(split_ids[s]) for s in ("train", "val", "test") if s in split_ids}
     summary.seconds = time.perf_counter() - started
     summary.images_per_second = summary.processed_images / summary.seconds if summary.seconds > 0 else 0.0
-    write_json(dst / SUMMARY_FILE, {**asdict(summary), "yield_fraction": summary.yield_fraction})
-    return summary
+    write_json(plan.dst / SUMMARY_FILE, {**asdict(summary), "yield_fraction": summary.yield_fraction})
 
 
-def _remove_stale_temporaries(dst: Path) -> None:
-    """Delete half-written temporaries (``.<name>.<random>.tmp``) a killed run left behind."""
-    for folder in (dst, dst / "hr", dst / "lr"):
-        if folder.is_dir():
-            for path in folder.rglob(".*.tmp"):
-                path.unlink(missing_ok=True)
+_FACE_SUFFIX = re.compile(r"_face\d+$")
+
+
+def _remove_stale_temporaries(plan: PreparePlan) -> None:
+    """Delete half-written temporaries a killed run left for this run's own outputs only
+    (``hr/<stem>.png``, ``lr/<stem>.png``, the manifest...); any other file is left alone."""
+    stems: dict[Path, set[str]] = {}
+    for item in plan.items:
+        rel = Path(item.stem)
+        for kind in ("hr", "lr"):
+            stems.setdefault(plan.dst / kind / rel.parent, set()).add(rel.name)
+    for folder, names in stems.items():
+        remove_stale_temporaries(
+            folder, lambda target, names=names: target.endswith(".png") and _FACE_SUFFIX.sub("", target[:-4]) in names
+        )
+    remove_stale_temporaries(plan.dst, lambda target: target in OWNED_FILES)
 
 
 def _commit(journal: Journal, record: dict, writes: list[Future]) -> None:
@@ -533,8 +652,6 @@ def _commit(journal: Journal, record: dict, writes: list[Future]) -> None:
 
 def _detect_with_backoff(detector, images: list[np.ndarray], config: PrepareConfig) -> list:
     """MTCNN on a list of images; on GPU out-of-memory, the list is halved and retried."""
-    from fsr.core.batching import is_out_of_memory
-
     try:
         return detector.detect(images, min_face=config.min_face, thresholds=config.thresholds, factor=config.factor)
     except Exception as exc:  # noqa: BLE001 - re-raised unless it is an out-of-memory error

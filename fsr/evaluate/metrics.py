@@ -37,13 +37,15 @@ import torch
 
 from fsr.core.batching import make_progress
 from fsr.core.device import Compute
-from fsr.core.io import ImageReadError, atomic_path, atomic_write_text, iter_image_files, read_image, to_tensor
+from fsr.core.io import ImageReadError, atomic_path, atomic_write_text, list_image_files, read_image, to_tensor
 from fsr.core.weights import write_json
 from fsr.data.manifest import read_manifest
 from fsr.evaluate.identity import FaceEmbedder, load_face_model
 from fsr.models.systems import load_sr_system
 
 PIXEL_METRICS = ("psnr_rgb", "psnr_y", "ssim", "ssim_y", "mse")
+MIN_IMAGE_SIDE = 11  # px: the SSIM window (Gaussian, 11x11)
+
 METRIC_LABELS = {
     "psnr_rgb": "PSNR RGB (dB)",
     "psnr_y": "PSNR Y (dB)",
@@ -300,9 +302,11 @@ def evaluate_chunks(
 # ----------------------------------------------------------------------------- folders
 
 
-def _index_folder(root: Path) -> dict[str, Path]:
-    """relative path without suffix -> file."""
-    return {p.relative_to(root).with_suffix("").as_posix(): p for p in iter_image_files(root)}
+def _index_folder(root: Path, skipped: list[str]) -> dict[str, Path]:
+    """relative path without suffix -> file; what the listing skipped (GIF, loops...) goes to ``skipped``."""
+    listing = list_image_files(root)
+    skipped.extend(f"{path}: {reason}" for path, reason in listing.skipped)
+    return {p.relative_to(root).with_suffix("").as_posix(): p for p in listing.files}
 
 
 def _load_rgb(path: Path) -> torch.Tensor:
@@ -312,28 +316,36 @@ def _load_rgb(path: Path) -> torch.Tensor:
 def folder_chunks(
     hr_dir: Path, sr_dirs: dict[str, Path], keys: list[str], hr_files: dict, sr_files: dict, chunk_size: int, skipped: list[str]
 ) -> Iterator[Chunk]:
-    for start in range(0, len(keys), chunk_size):
-        batch_keys, hrs, outs = [], [], {n: [] for n in sr_dirs}
-        for key in keys[start : start + chunk_size]:
-            try:
-                hr = _load_rgb(hr_files[key])
-                srs = {n: _load_rgb(sr_files[n][key]) for n in sr_dirs}
-            except ImageReadError as exc:
-                skipped.append(str(exc))
-                continue
-            bad = [n for n, t in srs.items() if t.shape != hr.shape]
-            if bad:
-                n = bad[0]
-                skipped.append(
-                    f"{sr_files[n][key]}: size {tuple(srs[n].shape[1:])} differs from HR {tuple(hr.shape[1:])} ({hr_files[key]})"
-                )
-                continue
-            batch_keys.append(key)
-            hrs.append(hr)
-            for n in sr_dirs:
-                outs[n].append(srs[n])
-        if batch_keys:
+    """Chunks of at most ``chunk_size`` images of one size (HR images may differ in size:
+    a chunk ends where the size changes), in key order."""
+    batch_keys, hrs, outs = [], [], {n: [] for n in sr_dirs}
+    for key in keys:
+        try:
+            hr = _load_rgb(hr_files[key])
+            srs = {n: _load_rgb(sr_files[n][key]) for n in sr_dirs}
+        except ImageReadError as exc:
+            skipped.append(str(exc))
+            continue
+        if min(hr.shape[1:]) < MIN_IMAGE_SIDE:
+            skipped.append(f"{hr_files[key]}: {hr.shape[2]}x{hr.shape[1]} px is too small to score "
+                           f"(SSIM needs at least {MIN_IMAGE_SIDE} px a side)")
+            continue
+        bad = [n for n, t in srs.items() if t.shape != hr.shape]
+        if bad:
+            n = bad[0]
+            skipped.append(
+                f"{sr_files[n][key]}: size {tuple(srs[n].shape[1:])} differs from HR {tuple(hr.shape[1:])} ({hr_files[key]})"
+            )
+            continue
+        if hrs and (hr.shape != hrs[0].shape or len(hrs) == chunk_size):
             yield Chunk(batch_keys, torch.stack(hrs), {n: torch.stack(v) for n, v in outs.items()})
+            batch_keys, hrs, outs = [], [], {n: [] for n in sr_dirs}
+        batch_keys.append(key)
+        hrs.append(hr)
+        for n in sr_dirs:
+            outs[n].append(srs[n])
+    if batch_keys:
+        yield Chunk(batch_keys, torch.stack(hrs), {n: torch.stack(v) for n, v in outs.items()})
 
 
 def evaluate_folders(
@@ -360,10 +372,10 @@ def evaluate_folders(
     for n, p in dirs.items():
         if not p.is_dir():
             raise MetricsError(f"{p}: SR folder for '{n}' not found")
-    hr_files = _index_folder(hr_dir)
-    sr_files = {n: _index_folder(p) for n, p in dirs.items()}
-    keys = sorted(hr_files)
     skipped: list[str] = []
+    hr_files = _index_folder(hr_dir, skipped)
+    sr_files = {n: _index_folder(p, skipped) for n, p in dirs.items()}
+    keys = sorted(hr_files)
     for n in dirs:
         absent = [k for k in keys if k not in sr_files[n]]
         if absent:

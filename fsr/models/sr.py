@@ -186,7 +186,8 @@ def export_sr_model(tensors: dict[str, torch.Tensor], out_path: str | Path, card
     if out_path.suffix != ".safetensors":
         out_path = out_path.with_name(out_path.name + ".safetensors")
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    digest = save_safetensors(tensors, out_path, metadata={"format": "pt", "architecture": card.architecture})
+    digest = save_safetensors(tensors, out_path, metadata={"format": "pt", "architecture": card.architecture},
+                              record_digest=True)
     card_path = card_path_for(out_path)
     write_json(card_path, card.with_changes(sha256=digest).to_dict())
     return out_path, card_path

@@ -25,17 +25,31 @@ import os
 import re
 import shutil
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from fsr.core.io import atomic_write_text
-from fsr.core.weights import WeightsError, load_torch_checkpoint, save_safetensors, sha256_file, write_json
+from fsr.core.weights import (
+    WeightsError,
+    load_safetensors,
+    load_torch_checkpoint,
+    save_safetensors,
+    sha256_file,
+    write_json,
+)
 from fsr.models.sr import ModelCard, export_sr_model
 
 MARKER = "COMPLETE"
+
+
+class CheckpointWarning(UserWarning):
+    """A damaged checkpoint was skipped."""
+
+
 STATE_FILE = "state.pt"
 _STEP_DIR = re.compile(r"^step_(\d{8,})$")
 
@@ -62,16 +76,25 @@ class Checkpoint:
     path: Path
     step: int
 
+    def _digests(self) -> dict[str, str]:
+        """``{file name: sha256}`` recorded in the marker."""
+        try:
+            return dict(json.loads((self.path / MARKER).read_text())["files"])
+        except (OSError, ValueError, KeyError, TypeError):
+            raise WeightsError(f"{self.path / MARKER}: unreadable checkpoint marker") from None
+
     def load_models(self) -> dict[str, dict[str, torch.Tensor]]:
-        """``{"generator": state_dict, "generator_ema": ..., "discriminator": ...}`` (those present)."""
-        out = {}
-        for file in sorted(self.path.glob("*.safetensors")):
-            out[file.stem] = load_file(str(file))
-        return out
+        """``{"generator": state_dict, "generator_ema": ..., "discriminator": ...}`` (those present),
+        each checked against the SHA-256 in the marker."""
+        digests = self._digests()
+        return {
+            file.stem: load_safetensors(file, sha256=digests.get(file.name))
+            for file in sorted(self.path.glob("*.safetensors"))
+        }
 
     def load_state(self) -> dict:
         """Optimizer/scheduler/RNG/step state, loaded with ``torch.load(weights_only=True)``."""
-        state = load_torch_checkpoint(self.path / STATE_FILE)
+        state = load_torch_checkpoint(self.path / STATE_FILE, sha256=self._digests().get(STATE_FILE))
         if not isinstance(state, dict) or "step" not in state:
             raise WeightsError(f"{self.path / STATE_FILE}: not an fsr training state")
         return state
@@ -153,10 +176,20 @@ def verify_checkpoint(ckpt: Checkpoint) -> bool:
 
 
 def find_latest_checkpoint(root: str | Path) -> Checkpoint | None:
-    """The newest complete, hash-verified checkpoint under ``root`` (None when there is none)."""
+    """The newest complete, hash-verified checkpoint under ``root`` (None when there is none).
+
+    A checkpoint whose marker is present but whose files do not match it (damaged after it
+    was written) is skipped with a :class:`CheckpointWarning` naming it.
+    """
     for ckpt in sorted(_complete_dirs(Path(root)), key=lambda c: c.step, reverse=True):
         if verify_checkpoint(ckpt):
             return ckpt
+        warnings.warn(
+            f"{ckpt.path}: checkpoint is corrupt (its files do not match the SHA-256 in {MARKER}); "
+            "skipped, using the next older one",
+            CheckpointWarning,
+            stacklevel=2,
+        )
     return None
 
 
@@ -164,7 +197,7 @@ def save_best(run_dir: str | Path, tensors: dict[str, torch.Tensor], info: dict)
     """Keep the best validation generator as ``RUN_DIR/best/generator.safetensors`` + ``best.json``."""
     best = Path(run_dir) / "best"
     best.mkdir(parents=True, exist_ok=True)
-    save_safetensors(tensors, best / "generator.safetensors")
+    save_safetensors(tensors, best / "generator.safetensors", record_digest=True)
     write_json(best / "best.json", info)
     return best
 

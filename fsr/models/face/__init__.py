@@ -29,7 +29,7 @@ from collections.abc import Callable
 from typing import Literal, get_args
 
 from fsr.core.device import Compute
-from fsr.core.weights import WeightsError, find_weights, load_safetensors
+from fsr.core.weights import WeightsError, find_weights, load_safetensors, shipped_checksums
 from fsr.models.face.base import (
     FaceModel,
     FaceModelSpec,
@@ -71,7 +71,8 @@ def _load_dlib(model: DlibResNet, weights: str | os.PathLike | None) -> None:
         raise FaceWeightsNotFoundError(
             missing_weights_message(model.spec, weights) + " (re-create it: python tools/convert_dlib.py)"
         )
-    state = load_safetensors(path)
+    # the shipped digest applies wherever the file was found, unless a SHA256SUMS/card beside it records its own
+    state = load_safetensors(path, fallback_sha256=shipped_checksums().get(model.spec.weights_file))
     expected = model.state_dict()
     if set(state) != set(expected) or any(tuple(state[k].shape) != tuple(v.shape) for k, v in expected.items()):
         raise WeightsError(f"{path}: not fsr's dlib ResNet v1 weights (keys or shapes differ)")
