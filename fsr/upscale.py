@@ -866,7 +866,10 @@ def upscale_path(
     system = system or load_system(options, compute)
     plan = plan_run(src, dst, jobs, options, system)
     if plan.pending:
-        record_settings(plan.root, plan.settings)
+        try:
+            record_settings(plan.root, plan.settings)
+        except OSError as exc:
+            raise UpscaleError(f"{plan.root}: cannot record the run's settings ({describe_os_error(exc)})") from None
     results, processing = run_pending(plan, RunModels(system, compute, detector, face_model, options.max_drift), options)
     return UpscaleSummary(
         results=[results[job.input] for job in plan.jobs],

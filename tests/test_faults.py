@@ -235,14 +235,14 @@ def test_upscale_onto_a_full_disk_stops_in_one_line_and_resumes(tmp_path, small_
     result = cli("upscale", str(src), str(disk / "out"), "--model", "bicubic", "--no-progress", "--threads", "1")
     line = one_line_error(result)
     assert result.returncode != 0 and "No space left on device" in line and "re-run" in line
-    kept = sorted((disk / "out").iterdir())
+    kept = sorted(p for p in (disk / "out").iterdir() if p.name != ".fsr-upscale.json")  # the run's settings record
     assert 0 < len(kept) < 6 and all(p.suffix == ".png" for p in kept), "no temporaries, only whole outputs"
     for path in kept:
         assert Image.open(path).size == (240, 240)
     subprocess.run(["mount", "-o", "remount,size=4m", str(disk)], check=True)
     again = cli("upscale", str(src), str(disk / "out"), "--model", "bicubic", "--no-progress", "--threads", "1")
     assert again.returncode == 0, again.stderr
-    assert len(list((disk / "out").iterdir())) == 6
+    assert len(list((disk / "out").glob("*.png"))) == 6
 
 
 def test_upscale_into_a_read_only_folder_and_report_on_a_full_disk(tmp_path, small_disk):
@@ -258,7 +258,7 @@ def test_upscale_into_a_read_only_folder_and_report_on_a_full_disk(tmp_path, sma
                  "--report", str(full / "report.json"))
     line = one_line_error(result)
     assert "cannot write the report" in line and "the 3 upscaled images are kept" in line
-    assert len(list((tmp_path / "out").iterdir())) == 3
+    assert len(list((tmp_path / "out").glob("*.png"))) == 3
     assert [p.name for p in full.iterdir()] == ["filler"]
 
 
@@ -344,7 +344,7 @@ def test_odd_entries_in_an_input_folder_are_each_reported(tmp_path):
     assert "broken symbolic link" in reasons["gone.png"]
     assert "Too many levels of symbolic links" in reasons["self.jpg"]
     assert "too small to hold a face (1x1 px" in reasons["dot.png"]
-    assert summary.done == 2 and summary.faces_sr == 2 and sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+    assert summary.done == 2 and summary.faces_sr == 2 and sorted(p.name for p in (tmp_path / "out").glob("*.png")) == [
         p.name for p in good]
 
 
