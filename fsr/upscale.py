@@ -645,6 +645,7 @@ def run_settings(options: UpscaleOptions, system: SRSystem) -> dict:
     settings = {k: v for k, v in asdict(options).items() if k not in skip}
     settings["model"] = system.name
     settings["model_sha256"] = system.card.sha256 if system.card is not None else "bicubic"
+    settings["self_ensemble"] = system.self_ensemble
     return settings
 
 

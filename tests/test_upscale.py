@@ -483,6 +483,9 @@ def test_rerun_with_another_model_is_refused_then_redone_with_overwrite(tmp_path
     assert all(p.read_bytes() != before[p.name] for p in out.glob("*.png"))
     recorded = json.loads((out / ".fsr-upscale.json").read_text())["settings"]
     assert recorded["model"] == "rrdb_tiny" and len(recorded["model_sha256"]) == 64
+    # the self-ensemble changes the pixels: same weights, yet a re-run with --tta is refused too
+    tta = run_cli(str(src), str(out), "--model", str(tiny_model), "--tta")
+    assert tta.returncode == 2 and "self_ensemble" in tta.stderr and "--overwrite" in tta.stderr
 
 
 # ----------------------------------------------------------------------------- quality on real faces

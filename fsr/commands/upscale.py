@@ -38,6 +38,7 @@ def upscale_command(
     model: str = typer.Option(
         "default", "--model", metavar="MODEL", help="default | bicubic | NAME in weights/ | PATH (.safetensors, .pth)."
     ),
+    tta: bool = typer.Option(False, "--tta", help="Average the model over 8 flips/rotations (8x slower)."),
     scale: int = typer.Option(4, "--scale", min=1, max=16, help="Output size factor."),
     threshold: float | None = typer.Option(
         None, "--threshold", "--min-face", min=0, metavar="PX", show_default="model's range",
@@ -81,7 +82,7 @@ def upscale_command(
     if report is not None and report.suffix.lower() not in (".json", ".csv"):
         fail(f"{report}: the report must end in .json or .csv")
     options = UpscaleOptions(
-        mode=mode, model=model, scale=scale, threshold=threshold, margin=margin, detect_min_face=detect_min_face,
+        mode=mode, model=f"{model}+" if tta and not model.endswith("+") else model, scale=scale, threshold=threshold, margin=margin, detect_min_face=detect_min_face,
         min_score=min_score, check_landmarks=face_check, max_drift=max_drift, detect_max_pixels=detect_max_pixels,
         out_format=out_format.lower().lstrip("."), suffix=suffix, quality=quality, overwrite=not skip_existing,
         max_pixels=max_pixels, tile=tile, show_progress=progress,
