@@ -38,7 +38,7 @@ def upscale_command(
     model: str = typer.Option(
         "default", "--model", metavar="MODEL", help="default | bicubic | NAME in weights/ | PATH (.safetensors, .pth)."
     ),
-    tta: bool = typer.Option(False, "--tta", help="Average the model over 8 flips/rotations (8x slower)."),
+    tta: bool = typer.Option(False, "--tta", help="Average the model over the face and its mirror (2x work)."),
     scale: int = typer.Option(4, "--scale", min=1, max=16, help="Output size factor."),
     threshold: float | None = typer.Option(
         None, "--threshold", "--min-face", min=0, metavar="PX", show_default="model's range",
