@@ -569,7 +569,7 @@ def test_photo_mode_beats_bicubic_on_face_regions_of_downscaled_photos(tmp_path,
 class _OtherPerson:
     """An 'SR system' that answers every face with another person's face (bicubic of their LR)."""
 
-    name, scale, card = "swap", 4, None
+    name, scale, card, self_ensemble = "swap", 4, None, False
 
     def __init__(self, system, other_lr: np.ndarray) -> None:
         self.model = system.model  # a real network, so the drift check runs

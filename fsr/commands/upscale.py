@@ -82,7 +82,8 @@ def upscale_command(
     if report is not None and report.suffix.lower() not in (".json", ".csv"):
         fail(f"{report}: the report must end in .json or .csv")
     options = UpscaleOptions(
-        mode=mode, model=f"{model}+" if tta and not model.endswith("+") else model, scale=scale, threshold=threshold, margin=margin, detect_min_face=detect_min_face,
+        mode=mode, model=f"{model}+" if tta and not model.endswith("+") else model, scale=scale,
+        threshold=threshold, margin=margin, detect_min_face=detect_min_face,
         min_score=min_score, check_landmarks=face_check, max_drift=max_drift, detect_max_pixels=detect_max_pixels,
         out_format=out_format.lower().lstrip("."), suffix=suffix, quality=quality, overwrite=not skip_existing,
         max_pixels=max_pixels, tile=tile, show_progress=progress,
@@ -95,9 +96,7 @@ def upscale_command(
         fail(str(exc))
     except KeyboardInterrupt:
         fail("interrupted; finished outputs are kept, re-run the same command to continue", code=130)
-    for result in summary.results:
-        if result.status in ("failed", "unwritten"):
-            err_console.print(f"[yellow]skipped[/] {result.input}: {result.reason}", highlight=False, soft_wrap=True)
+    _print_skipped(summary)
     if report is not None:
         try:
             write_report(report, summary)
@@ -109,6 +108,13 @@ def upscale_command(
         console.print(f"report: {report}", highlight=False, soft_wrap=True)
     if not summary.succeeded:
         fail("no image could be upscaled", code=1)
+
+
+def _print_skipped(summary: UpscaleSummary) -> None:
+    """One line per input that was skipped or could not be written, with the reason."""
+    for result in summary.results:
+        if result.status in ("failed", "unwritten"):
+            err_console.print(f"[yellow]skipped[/] {result.input}: {result.reason}", highlight=False, soft_wrap=True)
 
 
 def _summary_table(summary: UpscaleSummary) -> Table:
