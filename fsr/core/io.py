@@ -76,14 +76,6 @@ class LoadedImage:
     def width(self) -> int:
         return int(self.rgb.shape[1])
 
-    def rgb_float(self) -> np.ndarray:
-        """(H, W, 3) float32 in [0, 1]."""
-        return self.rgb.astype(np.float32) / self.max_value
-
-    def alpha_float(self) -> np.ndarray | None:
-        """(H, W) float32 in [0, 1], or None."""
-        return None if self.alpha is None else self.alpha.astype(np.float32) / self.max_value
-
     def rgb_uint8(self) -> np.ndarray:
         """(H, W, 3) uint8 (16-bit images rounded down to 8 bits)."""
         if self.rgb.dtype == np.uint8:
@@ -266,12 +258,6 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def atomic_save(path: str | os.PathLike, save: Callable[[Path], None]) -> None:
-    """Call ``save(tmp_path)`` and rename the result over ``path`` (for library writers)."""
-    with atomic_path(path) as tmp:
-        save(tmp)
-
-
 def encode_image(path: str | os.PathLike, rgb: np.ndarray, alpha: np.ndarray | None = None, *, quality: int = 95) -> bytes:
     """Encode (H, W, 3) RGB uint8/uint16 (+ alpha) in the format named by ``path``'s suffix."""
     suffix = Path(path).suffix.lower()
@@ -300,10 +286,6 @@ def encode_image(path: str | os.PathLike, rgb: np.ndarray, alpha: np.ndarray | N
 def write_image(path: str | os.PathLike, rgb: np.ndarray, alpha: np.ndarray | None = None, *, quality: int = 95) -> None:
     """Write an image atomically; the format follows the suffix (PNG is lossless)."""
     atomic_write_bytes(path, encode_image(path, rgb, alpha, quality=quality))
-
-
-def is_image_file(path: Path) -> bool:
-    return path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS
 
 
 @dataclass

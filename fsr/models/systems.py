@@ -17,8 +17,8 @@ from torch import nn
 
 from fsr.core.batching import BatchSizer, run_batched
 from fsr.core.device import Compute
+from fsr.core.resize import bicubic_up
 from fsr.core.weights import WeightsError, find_weights
-from fsr.data.degrade import bicubic_up
 from fsr.models.sr import ModelCard, load_sr_model, read_card
 
 DEFAULT_MODEL_NAME = "fsr_default"

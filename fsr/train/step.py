@@ -44,17 +44,6 @@ class LossNetworks:
     perceptual: PerceptualFeatures | None = None
 
 
-def unwrap(module: nn.Module) -> nn.Module:
-    """The plain module inside DDP and/or torch.compile wrappers."""
-    while True:
-        if hasattr(module, "_orig_mod"):
-            module = module._orig_mod
-        elif isinstance(module, nn.parallel.DistributedDataParallel):
-            module = module.module
-        else:
-            return module
-
-
 class SRTrainer:
     """Networks, optimizers and the step function for one process."""
 
