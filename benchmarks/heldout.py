@@ -40,11 +40,6 @@ def run_metrics(data: Path, systems: list[str], out: Path, limit: int, threads: 
     return json.loads((out / "metrics_summary.json").read_text())
 
 
-def system_name(spec: str) -> str:
-    """The name ``fsr metrics`` reports a system spec under (a model file by its stem)."""
-    return Path(spec).stem if spec.endswith((".safetensors", ".pth")) else spec
-
-
 def gains(summary: dict, system: str) -> dict:
     """A system's figures and its differences to bicubic (dB, SSIM points, relative distance)."""
     ours, base = summary["summary"][system], summary["summary"]["bicubic"]
@@ -86,7 +81,7 @@ def main() -> None:
     for spec in args.set:
         name, _, folder = spec.partition("=")
         summary = run_metrics(Path(folder), args.system, Path(args.work) / name, args.limit, args.threads)
-        results[name] = {system_name(s): gains(summary, system_name(s)) for s in ["bicubic", *args.system]}
+        results[name] = {s: gains(summary, s) for s in summary["systems"]}  # the names fsr metrics gave them
         print(f"{name}: " + "; ".join(f"{s} {r['psnr_gain']:+.2f} dB, SSIM {r['ssim_gain']:+.3f}"
                                       for s, r in results[name].items() if s != "bicubic"), flush=True)
     table = markdown(results)

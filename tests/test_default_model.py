@@ -116,11 +116,9 @@ def test_celeba_model_restores_held_out_celeba_faces_better_than_the_default():
     from fsr.data.degrade import resize_bicubic
     from tests.conftest import CELEBA_DIR
 
-    split = SHIPPED_WEIGHTS_DIR.parent / "fsr" / "data" / "splits" / "celeba_test_identities.txt"
-    if not split.is_file():  # installed package: the split ships inside fsr
-        import fsr
+    import fsr
 
-        split = Path(fsr.__file__).parent / "data" / "splits" / "celeba_test_identities.txt"
+    split = Path(fsr.__file__).parent / "data" / "splits" / "celeba_test_identities.txt"
     held_out = [line.strip() for line in split.read_text().splitlines() if line.strip() and not line.startswith("#")]
     faces = []
     for identity in held_out[:24]:
