@@ -644,20 +644,30 @@ def files_in(folder: Path, pattern: str = "*.png") -> int:
 KILL_POINTS = 2  # per command, into the same output (killed, re-run, killed again, finished); seeded moments
 
 
+def run_straight_then_killed(args: list[str], slot: str, straight: Path, target: Path, points, rng) -> int:
+    """Run ``fsr ARGS`` (``slot`` -> ``straight``) to the end; then into ``target``, kill -9 each
+    run once it has written ``points[i]`` more files, and finish with one run to the end.
+    Returns how many runs were really killed."""
+    def into(folder: Path) -> list[str]:
+        return [str(folder) if a == slot else a for a in args]
+
+    assert cli(*into(straight)).returncode == 0
+    killed = 0
+    for at in points:
+        before = files_in(target)
+        killed += kill_when([*FSR, *into(target)], lambda at=at, before=before: files_in(target) >= before + at, rng)
+    assert cli(*into(target)).returncode == 0
+    return killed
+
+
 def test_kill_9_during_prepare_then_rerun_is_byte_identical(tmp_path):
     src = lfw_source(tmp_path / "src", count=6)
     args = ["prepare", str(src), "DST", "--batch-size", "1", "--threads", "1", "--workers", "1", "--quiet",
             "--test-fraction", "0.3"]
     straight, dst = tmp_path / "straight", tmp_path / "killed"
-    assert cli(*[str(straight) if a == "DST" else a for a in args]).returncode == 0
     rng = np.random.default_rng(13)
     points = rng.integers(1, 5, KILL_POINTS)  # hr + lr crops written by each run before its kill
-    killed = 0
-    for at in points:
-        before = files_in(dst)
-        command = [*FSR, *[str(dst) if a == "DST" else a for a in args]]
-        killed += kill_when(command, lambda at=at, before=before: files_in(dst) >= before + at, rng)
-    assert cli(*[str(dst) if a == "DST" else a for a in args]).returncode == 0
+    killed = run_straight_then_killed(args, "DST", straight, dst, points, rng)
     assert killed >= 1 and tree_bytes(dst) == tree_bytes(straight), f"killed after {points} crops"
 
 
@@ -667,15 +677,9 @@ def test_kill_9_during_upscale_then_rerun_is_byte_identical(tmp_path):
     args = ["upscale", str(src), "OUT", "--model", "default", "--mode", "photo", "--threshold", "0",
             "--batch-size", "1", "--threads", "1", "--no-progress"]
     straight, out = tmp_path / "straight", tmp_path / "killed"
-    assert cli(*[str(straight) if a == "OUT" else a for a in args]).returncode == 0
     rng = np.random.default_rng(14)
     points = rng.integers(1, 3, KILL_POINTS)  # outputs written by each run before its kill
-    killed = 0
-    for at in points:
-        before = files_in(out)
-        command = [*FSR, *[str(out) if a == "OUT" else a for a in args]]
-        killed += kill_when(command, lambda at=at, before=before: files_in(out) >= before + at, rng)
-    assert cli(*[str(out) if a == "OUT" else a for a in args]).returncode == 0
+    killed = run_straight_then_killed(args, "OUT", straight, out, points, rng)
     assert killed >= 1, "every run finished before its kill"
     assert {p.name: p.read_bytes() for p in out.iterdir()} == {p.name: p.read_bytes() for p in straight.iterdir()}
 
