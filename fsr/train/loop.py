@@ -282,11 +282,11 @@ def _open_run(data, run_dir: Path, cfg: Config, compute: Compute, dist: DistInfo
         raise TrainingError(f"{data}: only {len(train_idx)} training faces")
     losses = build_loss_networks(cfg, compute, for_validation=dist.is_main)
     trainer = SRTrainer(cfg, compute, losses, dist)
+    batcher = _train_batcher(arrays, train_idx, cfg, compute, trainer, dist)
+    sampler = IdentityBatchSampler(batcher.identity_np, cfg.train.batch_size, cfg.train.faces_per_identity,
+                                   seed=cfg.train.seed, rank=dist.rank)
     run = _Run(run_dir=run_dir, cfg=cfg, compute=compute, dist=dist, trainer=trainer, losses=losses,
-               batcher=_train_batcher(arrays, train_idx, cfg, compute, trainer, dist),
-               sampler=None, val_batch=None, data_info=_data_summary(arrays, train_idx, val_idx))
-    run.sampler = IdentityBatchSampler(run.batcher.identity_np, cfg.train.batch_size, cfg.train.faces_per_identity,
-                                       seed=cfg.train.seed, rank=dist.rank)
+               batcher=batcher, sampler=sampler, val_batch=None, data_info=_data_summary(arrays, train_idx, val_idx))
     _restore_state(run, latest)
     if run.main and len(val_idx):
         n_val = min(cfg.train.val_faces or len(val_idx), len(val_idx))
