@@ -237,6 +237,42 @@ def test_short_run_never_exports_a_model_below_bicubic(prepared, tmp_path):
     assert mse(system.upscale(faces.lr)) <= mse(bicubic_up(faces.lr, 4))
 
 
+def test_deepened_generator_starts_as_the_shipped_one_and_trains_its_new_blocks(prepared, tmp_path):
+    """model.init_weights with fewer RRDB blocks than model.nb: the deeper generator computes what
+    the shipped one computes on real faces, and training reaches the new blocks."""
+    import piq
+
+    from fsr.data.dataset import FaceBatcher, load_face_arrays, split_train_val
+    from fsr.models.rrdb import RRDBNet, deepen_rrdb_state
+    from fsr.models.systems import load_generator_file
+
+    shipped = REPO / "weights" / "fsr_default.safetensors"
+    small, _ = load_generator_file(shipped)
+    args = {**small.arch_args, "nb": len(small.body) + 2}
+    deep = RRDBNet(**args)
+    deep.load_state_dict(deepen_rrdb_state(small.state_dict(), deep))
+    arrays = load_face_arrays(prepared, with_lr=True)
+    _, val_idx = split_train_val(arrays)
+    faces = FaceBatcher(arrays, val_idx, torch.device("cpu"), lr_source="bicubic", flip=False).all_faces()
+    with torch.no_grad():
+        assert torch.allclose(deep.eval()(faces.lr), small.eval()(faces.lr), atol=1e-5)
+    with pytest.raises(ValueError, match="differ beyond"):
+        deepen_rrdb_state(small.state_dict(), RRDBNet(**{**args, "gc": 8}))
+
+    run = tmp_path / "deep"
+    _run_cli([str(prepared), "--run-dir", str(run), "--preset", "esrgan", "--perceptual", "none", "--steps", "2",
+              "--batch-size", "4", "--device", "cpu", "--threads", "2", "--no-progress", "--set", "loss.gan=none",
+              *[f"--set=model.{k}={str(v).lower()}" for k, v in args.items() if k in ("nf", "nb", "gc", "upsampler", "bicubic_skip")],
+              "--set", f"model.init_weights={shipped}", "--set", "optim.lr_g=1e-7",
+              "--set", "train.val_every=2", "--set", "train.checkpoint_every=2"])
+    with torch.no_grad():  # mean of the per-face PSNR, as validation reports it
+        shipped_psnr = float(piq.psnr(small(faces.lr).clamp(0, 1), faces.hr, data_range=1.0))
+    assert _log(run, "val")[-1]["psnr"] == pytest.approx(shipped_psnr, abs=0.02)
+    trained = _ckpt_tensors(run, 2)["generator"]
+    new_conv = f"body.{len(small.body)}.rdb1.conv5.weight"
+    assert trained[new_conv].abs().max() > 0  # the zero-initialised convs receive gradients
+
+
 def test_ema_warmup_decay_ramps_to_the_configured_decay():
     from fsr.core.device import Compute
     from fsr.train.config import build_config

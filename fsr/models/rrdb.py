@@ -126,3 +126,30 @@ def rrdb_args_from_state_dict(state: dict[str, torch.Tensor]) -> dict[str, int]:
         return {"in_ch": int(in_ch), "out_ch": int(out_ch), "nf": int(nf), "nb": len(blocks), "gc": int(gc)}
     out_ch = state["conv_up_ps.weight"].shape[0] // 16
     return {"in_ch": int(in_ch), "out_ch": int(out_ch), "nf": int(nf), "nb": len(blocks), "gc": int(gc), "upsampler": "pixelshuffle"}
+
+
+def deepen_rrdb_state(small: dict[str, torch.Tensor], deep: RRDBNet) -> dict[str, torch.Tensor]:
+    """Weights for ``deep`` (more RRDB blocks) that compute exactly what ``small`` computes.
+
+    Net2Net-style growth of the trunk: the trained blocks are kept, each new block is appended
+    with the last conv of its three RDBs set to zero (so each RDB is the identity and the block
+    multiplies its input by 1.2), and ``conv_body``'s weight is divided by 1.2 per new block to
+    cancel that. Training then starts from the small model's output and only adds capacity.
+    ``deep`` supplies the random initialisation of the new blocks' other convs; every other
+    tensor must have the same shape in both models.
+    """
+    state = {k: v.clone() for k, v in deep.state_dict().items()}
+    small_blocks = {int(k.split(".")[1]) for k in small if k.startswith("body.")}
+    n_small, n_deep = len(small_blocks), len(deep.body)
+    if n_small > n_deep:
+        raise ValueError(f"cannot deepen {n_small} RRDB blocks to {n_deep}")
+    for key, value in small.items():
+        if key not in state or state[key].shape != value.shape:
+            raise ValueError(f"{key}: the two models differ beyond the number of RRDB blocks")
+        state[key] = value.clone()
+    for block in range(n_small, n_deep):
+        for rdb in ("rdb1", "rdb2", "rdb3"):
+            state[f"body.{block}.{rdb}.conv5.weight"].zero_()
+            state[f"body.{block}.{rdb}.conv5.bias"].zero_()
+    state["conv_body.weight"] = small["conv_body.weight"] / 1.2 ** (n_deep - n_small)
+    return state

@@ -38,6 +38,7 @@ from fsr.data.dataset import (
     split_train_val,
 )
 from fsr.data.degrade import bicubic_up
+from fsr.models.rrdb import RRDBNet, deepen_rrdb_state
 from fsr.models.sr import ModelCard, export_sr_model
 from fsr.train.checkpoint import find_latest_checkpoint, save_best, save_checkpoint
 from fsr.train.config import Config, build_config, config_from_dict, dump_config, merge_options
@@ -317,9 +318,10 @@ def _restore_state(run: _Run, latest) -> None:
         from fsr.models.systems import load_generator_file
 
         init_model, _ = load_generator_file(run.cfg.model.init_weights)
-        trainer.generator.load_state_dict(init_model.state_dict())
+        init_state = _init_state(init_model, trainer.generator, run.cfg.model.init_weights)
+        trainer.generator.load_state_dict(init_state)
         if trainer.ema is not None:
-            trainer.ema.load_state_dict(init_model.state_dict())
+            trainer.ema.load_state_dict(init_state)
     if latest is None:
         return
     state = latest.load_state()
@@ -328,6 +330,22 @@ def _restore_state(run: _Run, latest) -> None:
     best = dict(state.get("best") or {})
     run.best = {k: (float(v) if isinstance(v, (int, float)) else v) for k, v in best.items()}
     run.last_metrics = dict(run.best.get("metrics", {}))
+
+
+def _init_state(init_model: torch.nn.Module, generator: torch.nn.Module, source: str) -> dict:
+    """``model.init_weights`` as a state for ``generator``: as is, or deepened when the config asks
+    for more RRDB blocks than the file has (:func:`fsr.models.rrdb.deepen_rrdb_state`)."""
+    grown = (isinstance(generator, RRDBNet) and isinstance(init_model, RRDBNet)
+             and len(generator.body) > len(init_model.body))
+    if not grown:
+        return init_model.state_dict()
+    try:
+        state = deepen_rrdb_state(init_model.state_dict(), generator)
+    except ValueError as exc:
+        raise ValueError(f"model.init_weights {source}: {exc}") from None
+    print(f"model.init_weights {source}: {len(init_model.body)} RRDB blocks deepened to {len(generator.body)} "
+          "(new blocks start as the identity)")
+    return state
 
 
 def _open_logs(run: _Run) -> None:
