@@ -13,8 +13,9 @@ and the typed SR model (:mod:`fsr.models.sr`). Modes, chosen per image:
   resolution and pasted back with a mask feathered over the context band. Pixels outside
   the pasted windows are exactly the classical upscale.
 * ``auto`` (default): an image whose long side is at most ``auto_face_max_side`` pixels
-  (160) and whose aspect ratio is at most 1.25 is taken as a face crop; everything else
-  is a photo.
+  (160) and whose aspect ratio is at most 1.25 is taken as a face crop when the detector
+  finds a face filling it (:func:`crop_face`); everything else is a photo, so noise or a
+  small scene is never counted as a super-resolved face.
 
 Routing (:func:`fsr.models.face.pipeline.routes_to_sr`): by default a face goes through the
 model only when its size lies in the model card's validated ``lr_face_range``; the others
@@ -78,6 +79,7 @@ from fsr.models.face.pipeline import (
     DEFAULT_TILE,
     Face,
     FaceFilter,
+    crop_face,
     face_square,
     face_window,
     find_faces,
@@ -746,6 +748,21 @@ def run_photo_job(item: _Loaded, models: RunModels, options: UpscaleOptions) -> 
     return _result(item, "done", image=image, rgb=photo.rgb, faces=photo.faces, model=models.system.name)
 
 
+def confirm_face_crop(item: _Loaded, models: RunModels, options: UpscaleOptions) -> bool:
+    """``auto`` mode's check of an image it takes for a face crop: does a face fill it
+    (:func:`crop_face`)? If not, the image is handled as a photo (no face: classical upscale).
+    Always True when the user chose ``--mode faces``."""
+    if options.mode != "auto":
+        return True
+    try:
+        face = crop_face(models.detector(), item.image.rgb_uint8(), options.face_filter())
+    except FaceToolError:  # the photo path reports the missing detector for this image
+        face = None
+    if face is None:
+        item.mode = "photo"
+    return face is not None
+
+
 def run_crop_jobs(items: list[_Loaded], models: RunModels, options: UpscaleOptions) -> list[ImageResult]:
     """Upscale (batched by size) and write face crops; failures become ``failed`` results."""
     t0 = time.perf_counter()
@@ -814,6 +831,8 @@ def run_pending(plan: RunPlan, models: RunModels, options: UpscaleOptions) -> tu
             for item in _prefetch(lambda job: load_job(job, options), plan.pending, pool, window=max(8, min(chunk, 64))):
                 if item.error:
                     done = [_result(item, "failed", reason=item.error)]
+                elif item.mode == "faces" and not confirm_face_crop(item, models, options):
+                    done = [run_photo_job(item, models, options)]
                 elif item.mode == "faces":
                     crops.append(item)
                     done, crops = (run_crop_jobs(crops, models, options), []) if len(crops) >= chunk else ([], crops)

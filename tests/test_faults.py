@@ -36,7 +36,7 @@ from fsr.core.weights import (
 from fsr.models.rrdb import RRDBNet
 from fsr.models.systems import DEFAULT_MODEL_NAME, load_sr_system
 from fsr.train.checkpoint import CheckpointWarning, export_generator, find_latest_checkpoint, save_checkpoint
-from tests.conftest import LFW_DIR, REPO
+from tests.conftest import LFW_DIR, REPO, WILD_DIR
 
 FSR = [sys.executable, "-m", "fsr.cli"]
 FACES = sorted(LFW_DIR.glob("A*/*_0001.jpg"))[:6]
@@ -346,6 +346,38 @@ def test_odd_entries_in_an_input_folder_are_each_reported(tmp_path):
     assert "too small to hold a face (1x1 px" in reasons["dot.png"]
     assert summary.done == 2 and summary.faces_sr == 2 and sorted(p.name for p in (tmp_path / "out").glob("*.png")) == [
         p.name for p in good]
+
+
+def test_auto_mode_counts_only_real_faces_as_super_resolved(tmp_path):
+    """Noise, flat and scene images small enough to look like face crops get the classical
+    upscale as photos without faces; real face crops of every size are super-resolved."""
+    from fsr.core.device import Compute
+    from fsr.upscale import UpscaleOptions, classical_upscale, upscale_path
+
+    src = tmp_path / "in"
+    real = [face_crops(src / f"{side}px", count=2, side=side) for side in (24, 32, 64, 128)]
+    rng = np.random.default_rng(0)
+    fakes = {}
+    for side in (16, 32, 96, 160):
+        fakes[f"noise{side}.png"] = rng.integers(0, 256, (side, side, 3), dtype=np.uint8)
+    fakes["grey64.png"] = np.full((64, 64, 3), 128, np.uint8)
+    scene = np.asarray(Image.open(WILD_DIR / "img38.jpg").convert("RGB"))
+    fakes["corner120.png"] = np.ascontiguousarray(scene[:120, :120])  # background, no face
+    for name, pixels in fakes.items():
+        Image.fromarray(pixels).save(src / name)
+    summary = upscale_path(src, tmp_path / "out", UpscaleOptions(show_progress=False), Compute.create("cpu", threads=1))
+    rows = {str(Path(r.input).relative_to(src)): r for r in summary.results}
+    assert summary.done == len(rows) == 8 + len(fakes)
+    for name, pixels in fakes.items():
+        row = rows[name]
+        assert (row.mode, row.faces_sr, row.faces_found) == ("photo", 0, 0), (name, row)
+        out = np.asarray(Image.open(tmp_path / "out" / name))
+        assert np.array_equal(out, classical_upscale(pixels, 4)), name
+    for paths in real:
+        for path in paths:
+            row = rows[str(path.relative_to(src))]
+            assert row.mode == "faces" and row.faces_found == 1, (path, row)
+    assert summary.faces_sr == sum(rows[str(p.relative_to(src))].faces_sr for paths in real for p in paths) >= 6
 
 
 def test_single_gif_is_refused_before_any_work(tmp_path):

@@ -33,7 +33,7 @@ def upscale_command(
     dst: Path = typer.Argument(..., metavar="OUT", help="Output folder (mirrors IN), or file for one input."),
     mode: str = typer.Option(
         "auto", "--mode", metavar="MODE",
-        help="faces (crops) | photo (find faces) | auto (<= 160 px, near square: faces).",
+        help="faces (crops) | photo (find faces) | auto (<= 160 px, near square, a face found: faces).",
     ),
     model: str = typer.Option(
         "default", "--model", metavar="MODEL", help="default | bicubic | NAME in weights/ | PATH (.safetensors, .pth)."
