@@ -9,11 +9,13 @@ import json
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from typer.testing import CliRunner
 
 from fsr.cli import app
 from fsr.core.io import read_image, to_tensor, write_image
 from fsr.data.degrade import bicubic_down, bicubic_up
+from fsr.evaluate.grid import grid_positions
 from fsr.evaluate.metrics import difference_map, pixel_metrics, quantise, save_heatmap
 from tests.conftest import LFW_DIR
 
@@ -189,7 +191,7 @@ def test_metrics_cli_runs_systems_on_a_prepared_set(tmp_path):
     result = CliRunner().invoke(
         app,
         ["metrics", "--data", str(dst), "--system", "bicubic", "--model", "dlib", "--out", str(out),
-         "--heatmap-images", records[1].face_id, "--device", "cpu"],
+         "--heatmap-images", records[1].face_id, "--grid", "2", "--device", "cpu"],
     )
     assert result.exit_code == 0, result.output
     rows = {r["image"]: r for r in csv.DictReader((out / "metrics_per_image.csv").open())}
@@ -207,3 +209,9 @@ def test_metrics_cli_runs_systems_on_a_prepared_set(tmp_path):
     assert summary["face_model"] == "dlib" and summary["summary"]["bicubic"]["n_images"] == 3
     assert [p.split("/")[-1] for p in summary["heatmaps"]] == [f"{records[1].face_id.replace('/', '_')}.png"]
     assert "ID distance SR-HR (dlib)" in result.output
+    # the comparison grid: 2 faces (first and last) x (LR, bicubic, HR) at 1.9 x 2.15 inches per tile, 100 dpi
+    grid = Image.open(summary["comparison_grid"])
+    assert summary["comparison_grid"] == str(out / "comparison.png") and grid.size == (570, 470)
+    tiles = np.asarray(grid.convert("L"), dtype=np.float64)
+    assert tiles.std() > 20  # faces, not a blank page
+    assert grid_positions(3, 2) == {0, 2} and grid_positions(809, 4) == {0, 269, 539, 808}

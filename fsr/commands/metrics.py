@@ -39,6 +39,7 @@ def metrics_command(
     baseline: str = typer.Option("bicubic", "--baseline", help="System the others are compared with image by image (mean difference with a 95% confidence interval, relative change, share of images improved). Ignored when it is not among the systems."),
     heatmap: int = typer.Option(0, "--heatmap", min=0, help="Write Fig. 6 heatmap PNGs for the first N images."),
     heatmap_images: list[str] = typer.Option([], "--heatmap-images", help="Write heatmaps for these images (relative path without suffix, or face_id for --data). Repeatable."),
+    grid: int = typer.Option(0, "--grid", min=0, help="Write comparison.png: N faces spread over the set, one row each (LR, every system, HR)."),
     device: str = DeviceOpt,
     precision: str = PrecisionOpt,
     batch_size: int = BatchSizeOpt,
@@ -50,7 +51,7 @@ def metrics_command(
         report, paths = run_metrics(
             out, compute, hr_dir=hr, sr_dirs=_parse_sr(sr) if sr else None, prepared_dir=data, systems=list(system),
             face_model=model, face_weights=weights, split=split, limit=limit or None,
-            heatmap_first=heatmap, heatmap_keys=list(heatmap_images), baseline=baseline,
+            heatmap_first=heatmap, heatmap_keys=list(heatmap_images), baseline=baseline, grid=grid,
         )
     except (MetricsError, FaceModelError, WeightsError, FileNotFoundError, ManifestError) as exc:
         fail(str(exc))
@@ -63,5 +64,7 @@ def metrics_command(
     if comparison is not None:
         console.print(comparison)
     console.print(f"per-image: {paths['csv']}\nsummary: {paths['json']}")
+    if report.grid:
+        console.print(f"comparison grid: {report.grid}")
     if report.heatmaps:
         console.print(f"heatmaps: {len(report.heatmaps)} in {Path(report.heatmaps[0]).parent}")

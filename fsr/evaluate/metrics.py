@@ -38,6 +38,7 @@ import torch
 from fsr.core.batching import make_progress
 from fsr.core.device import Compute
 from fsr.core.io import ImageReadError, atomic_path, atomic_write_text, list_image_files, read_image, to_tensor
+from fsr.evaluate.grid import GridRow, grid_positions, save_comparison_grid
 from fsr.core.weights import write_json
 from fsr.data.manifest import read_manifest
 from fsr.evaluate.identity import FaceEmbedder, load_face_model
@@ -171,6 +172,7 @@ class Chunk:
     hr: torch.Tensor
     outputs: dict[str, torch.Tensor]
     landmarks: torch.Tensor | None = None
+    lr: torch.Tensor | None = None
 
 
 @dataclass
@@ -184,6 +186,8 @@ class MetricsReport:
     heatmaps: list[str] = field(default_factory=list)
     source: dict = field(default_factory=dict)
     baseline: str | None = "bicubic"
+    grid_rows: list[GridRow] = field(default_factory=list)
+    grid: str | None = None
 
     @property
     def metric_names(self) -> list[str]:
@@ -258,10 +262,13 @@ def evaluate_chunks(
     heatmap_first: int = 0,
     heatmap_dir: Path | None = None,
     show_progress: bool = True,
+    grid: int = 0,
 ) -> MetricsReport:
-    """Compute every metric for every (image, system) in a stream of chunks."""
+    """Compute every metric for every (image, system) in a stream of chunks; keep ``grid``
+    faces spread over the set for the comparison grid (``report.grid_rows``)."""
     report = MetricsReport(systems=list(systems), face_model=embedder.name if embedder else None)
     heatmap_keys = set(heatmap_keys or ())
+    grid_at = grid_positions(total, grid)
     seen = 0
     with make_progress("img", disable=not show_progress) as progress:
         task = progress.add_task("metrics", total=total)
@@ -292,6 +299,9 @@ def evaluate_chunks(
                         stats=stats,
                     )
                     report.heatmaps.append(str(path))
+                if seen in grid_at:
+                    report.grid_rows.append(GridRow(key, chunk.hr[i], {n: chunk.outputs[n][i] for n in systems}, stats,
+                                                    None if chunk.lr is None else chunk.lr[i]))
                 seen += 1
             progress.advance(task, len(chunk.keys))
     missing = heatmap_keys - {r["image"] for r in report.rows}
@@ -358,6 +368,7 @@ def evaluate_folders(
     heatmap_first: int = 0,
     heatmap_dir: Path | None = None,
     show_progress: bool = True,
+    grid: int = 0,
 ) -> MetricsReport:
     """Metrics of SR images on disk against HR images, matched by relative path without suffix.
 
@@ -386,7 +397,8 @@ def evaluate_folders(
     if not keys:
         raise MetricsError(f"{hr_dir}: no image found in the HR folder and every SR folder")
     chunks = folder_chunks(hr_dir, dirs, keys, hr_files, sr_files, chunk_size, skipped)
-    report = evaluate_chunks(chunks, list(dirs), len(keys), embedder, heatmap_keys, heatmap_first, heatmap_dir, show_progress)
+    report = evaluate_chunks(chunks, list(dirs), len(keys), embedder, heatmap_keys, heatmap_first, heatmap_dir, show_progress,
+                             grid=grid)
     report.skipped = skipped + report.skipped
     report.source = {"mode": "folders", "hr": str(hr_dir), "sr": {n: str(p) for n, p in dirs.items()}}
     return report
@@ -442,7 +454,7 @@ def prepared_chunks(prepared_dir: Path, records, systems: dict, chunk_size: int,
         for name, out in outputs.items():
             if out.shape != hr.shape:
                 raise MetricsError(f"system '{name}' made {tuple(out.shape[-2:])} faces but HR faces are {tuple(hr.shape[-2:])}")
-        yield Chunk([r.face_id for r in kept], hr, outputs, landmarks)
+        yield Chunk([r.face_id for r in kept], hr, outputs, landmarks, lr)
 
 
 def evaluate_prepared(
@@ -457,6 +469,7 @@ def evaluate_prepared(
     heatmap_first: int = 0,
     heatmap_dir: Path | None = None,
     show_progress: bool = True,
+    grid: int = 0,
 ) -> MetricsReport:
     """Run SR systems (specs for ``load_sr_system``) on a prepared set's LR faces and score
     their outputs against the HR faces. Image keys are the records' ``face_id``."""
@@ -471,7 +484,8 @@ def evaluate_prepared(
         loaded[name] = system
     skipped: list[str] = []
     chunks = prepared_chunks(prepared_dir, records, loaded, chunk_size, skipped)
-    report = evaluate_chunks(chunks, list(loaded), len(records), embedder, heatmap_keys, heatmap_first, heatmap_dir, show_progress)
+    report = evaluate_chunks(chunks, list(loaded), len(records), embedder, heatmap_keys, heatmap_first, heatmap_dir, show_progress,
+                             grid=grid)
     report.skipped = skipped + report.skipped
     report.source = {"mode": "prepared", "data": str(prepared_dir), "split": split, "systems": dict(zip(loaded, systems))}
     return report
@@ -504,6 +518,7 @@ def write_report(report: MetricsReport, out_dir: str | Path) -> dict[str, Path]:
             "paired_vs_baseline": {"baseline": report.baseline if paired else None, "systems": paired},
             "source": report.source,
             "heatmaps": report.heatmaps,
+            "comparison_grid": report.grid,
             "skipped": report.skipped,
         },
     )
@@ -575,9 +590,11 @@ def run_metrics(
     heatmap_keys: list[str] | None = None,
     show_progress: bool = True,
     baseline: str | None = "bicubic",
+    grid: int = 0,
 ) -> tuple[MetricsReport, dict[str, Path]]:
     """``fsr metrics``: evaluate folders (``hr_dir`` + ``sr_dirs``) or systems on a prepared set,
-    write the CSV, JSON and heatmaps into ``out_dir`` and return the report and file paths.
+    write the CSV, JSON, heatmaps and the comparison grid of ``grid`` faces (``comparison.png``)
+    into ``out_dir`` and return the report and file paths.
     ``baseline``: the system the others are compared with image by image (``report.paired``)."""
     if (hr_dir is None) == (prepared_dir is None):
         raise MetricsError("give either --hr with --sr NAME=DIR, or --data PREPARED with --system")
@@ -591,15 +608,22 @@ def run_metrics(
         if not sr_dirs:
             raise MetricsError("--hr needs at least one --sr NAME=DIR")
         report = evaluate_folders(
-            hr_dir, sr_dirs, embedder, limit, compute.batch_size, keys, heatmap_first, heatmap_dir, show_progress
+            hr_dir, sr_dirs, embedder, limit, compute.batch_size, keys, heatmap_first, heatmap_dir, show_progress,
+            grid=grid,
         )
     else:
         if not systems:
             raise MetricsError("--data needs at least one --system (bicubic | default | NAME | PATH)")
         report = evaluate_prepared(
             prepared_dir, systems, compute, embedder, split, limit, max(64, compute.batch_size),
-            keys, heatmap_first, heatmap_dir, show_progress,
+            keys, heatmap_first, heatmap_dir, show_progress, grid=grid,
         )
     report.baseline = baseline
+    if report.grid_rows:
+        title = f"{report.source.get('data') or report.source.get('hr')}: PSNR RGB" + (
+            f", {report.face_model} SR-HR" if report.face_model else "")
+        report.grid = str(save_comparison_grid(out_dir / "comparison.png", report.grid_rows, report.systems, title))
     paths = write_report(report, out_dir)
+    if report.grid:
+        paths["grid"] = Path(report.grid)
     return report, paths
