@@ -63,6 +63,7 @@ from fsr.core.io import (
     output_collisions,
     read_image,
     remove_stale_temporaries,
+    to_image_array,
     to_tensor,
     write_image,
 )
@@ -336,14 +337,6 @@ def choose_mode(height: int, width: int, options: UpscaleOptions) -> str:
 # ----------------------------------------------------------------------------- pixel work
 
 
-def _quantize(x: torch.Tensor, dtype: np.dtype) -> np.ndarray:
-    """(C, H, W) float in [0, 1] -> (H, W, C) array of ``dtype`` (uint8 / uint16), rounded."""
-    maxv = 65535.0 if dtype == np.uint16 else 255.0
-    q = x.clamp(0, 1).mul_(maxv).round_()
-    q = q.to(torch.int32 if dtype == np.uint16 else torch.uint8)
-    return q.permute(1, 2, 0).numpy().astype(dtype, copy=False)
-
-
 def _max_value(dtype: np.dtype) -> float:
     return 65535.0 if dtype == np.uint16 else 255.0
 
@@ -375,7 +368,7 @@ def classical_upscale(image: np.ndarray, scale: int, tile: int = 512) -> np.ndar
             patch = patch.permute(2, 0, 1)[None].div_(maxv)
             up = resize_bicubic(patch, ((yb - ya) * scale, (xb - xa) * scale))[0]
             up = up[:, (y0 - ya) * scale : (y1 - ya) * scale, (x0 - xa) * scale : (x1 - xa) * scale]
-            out[y0 * scale : y1 * scale, x0 * scale : x1 * scale] = _quantize(up, img.dtype)
+            out[y0 * scale : y1 * scale, x0 * scale : x1 * scale] = to_image_array(up, img.dtype)
     return out[..., 0] if squeeze else out
 
 
@@ -531,7 +524,7 @@ def upscale_crops(crops: list[np.ndarray], models: RunModels, options: UpscaleOp
                 record["reason"] = f"identity drift {drift:.3f} > {options.max_drift:g}"
                 continue
             record["route"] = "sr"
-            out[k] = (_quantize(face.contiguous(), crops[k].dtype), record)
+            out[k] = (to_image_array(face, crops[k].dtype), record)
     return out
 
 

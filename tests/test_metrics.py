@@ -14,9 +14,9 @@ from typer.testing import CliRunner
 
 from fsr.cli import app
 from fsr.core.io import read_image, to_tensor, write_image
-from fsr.data.degrade import bicubic_down, bicubic_up
+from fsr.data.degrade import bicubic_down, bicubic_up, quantise_8bit
 from fsr.evaluate.grid import grid_positions
-from fsr.evaluate.metrics import difference_map, pixel_metrics, quantise, save_heatmap
+from fsr.evaluate.metrics import difference_map, pixel_metrics, save_heatmap
 from tests.conftest import LFW_DIR
 
 FACES = ["Aaron_Eckhart/Aaron_Eckhart_0001.jpg", "Abel_Pacheco/Abel_Pacheco_0001.jpg", "Aaron_Peirsol/Aaron_Peirsol_0001.jpg"]
@@ -35,7 +35,7 @@ def faces() -> list[np.ndarray]:
 
 def _bicubic_x4(hr: np.ndarray) -> np.ndarray:
     t = to_tensor(hr)[None]
-    return (quantise(bicubic_up(bicubic_down(t, 4), 4))[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    return (quantise_8bit(bicubic_up(bicubic_down(t, 4), 4))[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
 
 
 # --- an independent numpy computation (float64) -------------------------------------------
@@ -112,8 +112,8 @@ def test_constant_offset_has_a_closed_form_answer(faces):
 
 def test_worse_degradation_scores_worse(faces):
     hr = _batch(faces[:1])
-    x4 = quantise(bicubic_up(bicubic_down(hr, 4), 4))
-    x8 = quantise(torch.nn.functional.interpolate(bicubic_down(hr, 8), scale_factor=8, mode="bicubic").clamp(0, 1))
+    x4 = quantise_8bit(bicubic_up(bicubic_down(hr, 4), 4))
+    x8 = quantise_8bit(torch.nn.functional.interpolate(bicubic_down(hr, 8), scale_factor=8, mode="bicubic").clamp(0, 1))
     m4, m8 = pixel_metrics(x4, hr), pixel_metrics(x8, hr)
     assert m8["psnr_rgb"][0] < m4["psnr_rgb"][0] - 1.0
     assert m8["ssim"][0] < m4["ssim"][0]
@@ -199,7 +199,7 @@ def test_metrics_cli_runs_systems_on_a_prepared_set(tmp_path):
     for rec in records:  # the same numbers as bicubic on the stored LR, computed here directly
         lr = to_tensor(np.array(rec.load_lr(dst)))[None]
         hr = to_tensor(np.array(rec.load_hr(dst)))[None]
-        direct = pixel_metrics(quantise(bicubic_up(lr, 4)), hr)
+        direct = pixel_metrics(quantise_8bit(bicubic_up(lr, 4)), hr)
         assert float(rows[rec.face_id]["psnr_rgb"]) == pytest.approx(direct["psnr_rgb"][0], abs=1e-4)
         assert float(rows[rec.face_id]["ssim"]) == pytest.approx(direct["ssim"][0], abs=1e-5)
         # dlib keeps the identity of a bicubic x4 face: well inside its 0.6 rule, centred cosine high

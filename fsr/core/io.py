@@ -214,10 +214,18 @@ def to_tensor(array: np.ndarray) -> torch.Tensor:
     return t.permute(2, 0, 1).contiguous()
 
 
+def to_image_array(tensor: torch.Tensor, dtype: np.dtype = np.uint8) -> np.ndarray:
+    """(C, H, W) float tensor in [0, 1] -> (H, W, C) array of ``dtype`` (uint8 or uint16),
+    rounded and clamped: the pixels a saved image holds."""
+    maxv = 65535.0 if dtype == np.uint16 else 255.0
+    t = tensor.detach().float().clamp(0, 1).mul(maxv).round()
+    t = t.to(torch.int32 if dtype == np.uint16 else torch.uint8)
+    return t.permute(1, 2, 0).cpu().numpy().astype(dtype, copy=False)
+
+
 def to_uint8(tensor: torch.Tensor) -> np.ndarray:
     """(C, H, W) float tensor in [0, 1] -> (H, W, C) uint8 array (rounded, clamped)."""
-    t = tensor.detach().float().clamp(0, 1).mul(255.0).round().to(torch.uint8)
-    return t.permute(1, 2, 0).cpu().numpy()
+    return to_image_array(tensor, np.uint8)
 
 
 # ----------------------------------------------------------------------------- writing

@@ -38,9 +38,10 @@ import torch
 from fsr.core.batching import make_progress
 from fsr.core.device import Compute
 from fsr.core.io import ImageReadError, atomic_path, atomic_write_text, list_image_files, read_image, to_tensor
-from fsr.evaluate.grid import GridRow, grid_positions, save_comparison_grid
 from fsr.core.weights import write_json
+from fsr.data.degrade import quantise_8bit
 from fsr.data.manifest import read_manifest
+from fsr.evaluate.grid import GridRow, grid_positions, save_comparison_grid
 from fsr.evaluate.identity import FaceEmbedder, load_face_model
 from fsr.models.systems import load_sr_system
 
@@ -95,11 +96,6 @@ def pixel_metrics(sr: torch.Tensor, hr: torch.Tensor) -> dict[str, np.ndarray]:
 def difference_map(sr: torch.Tensor, hr: torch.Tensor) -> torch.Tensor:
     """Fig. 6: per-pixel max over RGB of |SR - HR|. (N, 3, H, W) in [0, 1] -> (N, H, W) in 0..255."""
     return (sr.float() - hr.float()).abs().amax(dim=1) * 255.0
-
-
-def quantise(images: torch.Tensor) -> torch.Tensor:
-    """Round float images in [0, 1] to the 8-bit grid (what saving them as PNG does)."""
-    return images.clamp(0, 1).mul(255.0).round().div(255.0)
 
 
 # ----------------------------------------------------------------------------- heatmaps
@@ -450,7 +446,7 @@ def prepared_chunks(prepared_dir: Path, records, systems: dict, chunk_size: int,
         kept, hr, lr, landmarks = load_faces(prepared_dir, records[start : start + chunk_size], skipped)
         if not kept:
             continue
-        outputs = {name: quantise(system.upscale(lr)) for name, system in systems.items()}
+        outputs = {name: quantise_8bit(system.upscale(lr)) for name, system in systems.items()}
         for name, out in outputs.items():
             if out.shape != hr.shape:
                 raise MetricsError(f"system '{name}' made {tuple(out.shape[-2:])} faces but HR faces are {tuple(hr.shape[-2:])}")
