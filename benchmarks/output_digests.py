@@ -81,7 +81,7 @@ def produce(work: Path, lfw: Path, repo: Path | None) -> dict[str, dict[str, str
         shutil.rmtree(folder, ignore_errors=True)
     run_fsr(["upscale", str(EXAMPLES), str(upscale_out), "--no-progress", *COMPUTE], repo)
     sample = lfw_sample(lfw, work.resolve())
-    run_fsr(["prepare", str(sample), str(prepare_out), "--split", "test", "--workers", "2", "--quiet", "--seed", "0", *COMPUTE], repo)
+    run_fsr(["prepare", str(sample), str(prepare_out), "--split", "test", "--workers", "2", "--no-progress", "--seed", "0", *COMPUTE], repo)
     return {"upscale examples/": tree_digests(upscale_out, work), f"prepare lfw{SAMPLE_SIZE}": tree_digests(prepare_out, work)}
 
 

@@ -90,7 +90,7 @@ def test_training_runs_and_resumes_on_cuda(tmp_path):
             (src / name / photo.name).write_bytes(photo.read_bytes())
     data = tmp_path / "faces"
     prepared = CliRunner().invoke(app, ["prepare", str(src), str(data), "--val-fraction", "0.2", "--test-fraction", "0",
-                                        "--device", GPU, "--quiet"])
+                                        "--device", GPU, "--no-progress"])
     assert prepared.exit_code == 0, prepared.output
     run = tmp_path / "run"
     common = ["--device", GPU, "--no-progress", "--set", "model.nf=16", "--set", "model.nb=1", "--set", "model.gc=8",

@@ -276,7 +276,7 @@ def test_prepare_into_a_read_only_folder_and_onto_a_full_disk(tmp_path, small_di
     for face in FACES[:6]:
         (src / face.parent.name).mkdir(parents=True, exist_ok=True)
         shutil.copy(face, src / face.parent.name / face.name)
-    args = ["--batch-size", "2", "--threads", "1", "--workers", "1", "--quiet", "--split", "train"]
+    args = ["--batch-size", "2", "--threads", "1", "--workers", "1", "--no-progress", "--split", "train"]
     read_only = small_disk(64, read_only=True)
     line = one_line_error(cli("prepare", str(src), str(read_only / "prep"), *args))
     assert "Read-only file system" in line and "nothing was prepared" in line
@@ -496,7 +496,7 @@ def lfw_source(folder: Path, count: int = 4) -> Path:
     return folder
 
 
-PREP_ARGS = ["--batch-size", "2", "--threads", "1", "--workers", "1", "--quiet", "--split", "train"]
+PREP_ARGS = ["--batch-size", "2", "--threads", "1", "--workers", "1", "--no-progress", "--split", "train"]
 
 
 @pytest.fixture(scope="module")
@@ -694,7 +694,7 @@ def run_straight_then_killed(args: list[str], slot: str, straight: Path, target:
 
 def test_kill_9_during_prepare_then_rerun_is_byte_identical(tmp_path):
     src = lfw_source(tmp_path / "src", count=6)
-    args = ["prepare", str(src), "DST", "--batch-size", "1", "--threads", "1", "--workers", "1", "--quiet",
+    args = ["prepare", str(src), "DST", "--batch-size", "1", "--threads", "1", "--workers", "1", "--no-progress",
             "--test-fraction", "0.3"]
     straight, dst = tmp_path / "straight", tmp_path / "killed"
     rng = np.random.default_rng(13)

@@ -69,7 +69,7 @@ def test_prepare_cli_on_real_faces_and_bad_inputs(tmp_path):
     (src / "README.txt").write_text("not an image extension: ignored\n")
 
     result = CliRunner().invoke(
-        app, ["prepare", str(src), str(dst), "--threads", "1", "--workers", "2", "--batch-size", "4", "--quiet",
+        app, ["prepare", str(src), str(dst), "--threads", "1", "--workers", "2", "--batch-size", "4", "--no-progress",
               "--test-fraction", "0.25"]
     )
     assert result.exit_code == 0, result.output

@@ -38,7 +38,7 @@ def prepared(tmp_path_factory) -> Path:
             shutil.copy(photo, src / identity.name / photo.name)
     dst = tmp_path_factory.mktemp("prepared") / "faces"
     result = CliRunner().invoke(app, ["prepare", str(src), str(dst), "--val-fraction", "0.2", "--test-fraction", "0",
-                                      "--device", "cpu", "--threads", "2", "--workers", "2", "--quiet"])
+                                      "--device", "cpu", "--threads", "2", "--workers", "2", "--no-progress"])
     assert result.exit_code == 0, result.output
     assert (dst / "manifest.csv").is_file()
     return dst

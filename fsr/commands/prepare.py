@@ -54,7 +54,8 @@ def prepare_command(
     batch_size: int = BatchSizeOpt,
     threads: int = ThreadsOpt,
     seed: int = SeedOpt,
-    quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress bar."),
+    quiet: bool = typer.Option(False, "--quiet", hidden=True, help="Old name of --no-progress."),
     pairs: Path | None = typer.Option(None, "--pairs", help="Only the images this pairs file names (LFW pairs.txt or CSV)."),
     limit: int = typer.Option(0, "--limit", min=0, help="Only the first N images in sorted order (0 = all)."),
 ) -> None:
@@ -89,7 +90,7 @@ def prepare_command(
         max_pixels=max_pixels,
     )
     try:
-        summary = prepare_dataset(sources, dst, config, compute, progress=not quiet)
+        summary = prepare_dataset(sources, dst, config, compute, progress=progress and not quiet)
     except (PrepareError, WeightsError, FileNotFoundError) as exc:
         fail(str(exc))
     except OSError as exc:  # e.g. an unreadable source folder; write errors arrive as PrepareError
