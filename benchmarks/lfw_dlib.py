@@ -26,8 +26,7 @@ import torch
 
 from fsr.core.batching import make_progress
 from fsr.core.device import Compute, machine_description
-from fsr.core.io import atomic_path, read_image
-from fsr.core.weights import write_json
+from fsr.core.io import atomic_path, read_image, write_json
 from fsr.detect.mtcnn import MTCNN
 from fsr.evaluate.verification import kfold_verification, read_pairs
 from fsr.models.face import create_face_model

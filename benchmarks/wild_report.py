@@ -20,7 +20,7 @@ from PIL import Image, ImageDraw
 from fsr.core.device import Compute
 from fsr.core.io import read_image
 from fsr.detect.crop import extract_square, square_box
-from fsr.upscale import UpscaleOptions, classical_upscale, upscale_path, write_report
+from fsr.upscale import UpscaleOptions, classical_upscale, upscale_path, write_upscale_report
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 TILE = 160
@@ -73,7 +73,7 @@ def main() -> None:
             (src / path.name).symlink_to(path.resolve())
     options = UpscaleOptions(mode="photo", scale=args.scale, show_progress=False, overwrite=True)
     summary = upscale_path(src, args.out / "out", options, Compute.create("cpu", "fp32", batch_size=8))
-    write_report(args.out / "report.json", summary)
+    write_upscale_report(args.out / "report.json", summary)
     draw_sheet(args.out / "report.json", args.scale, args.out / "contact_sheet.png")
     routes = [f["route"] for r in summary.results for f in r.faces]
     print(f"{summary.done} photos, detections {len(routes)}: sr {routes.count('sr')}, classical "

@@ -900,7 +900,7 @@ def upscale_path(
 REPORT_FIELDS = [f.name for f in ImageResult.__dataclass_fields__.values()]
 
 
-def write_report(path: str | os.PathLike, summary: UpscaleSummary) -> None:
+def write_upscale_report(path: str | os.PathLike, summary: UpscaleSummary) -> None:
     """Write the per-image results as JSON (with the run's settings) or CSV, by suffix, atomically.
 
     Each image lists its detections (``faces``: box, score, size, route sr | classical |

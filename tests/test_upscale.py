@@ -37,7 +37,7 @@ from fsr.upscale import (
     classical_upscale,
     plan_jobs,
     upscale_path,
-    write_report,
+    write_upscale_report,
 )
 from tests.conftest import LFW_DIR, REPO, SHARED_DATA, WILD_DIR
 
@@ -453,7 +453,7 @@ def test_false_positives_are_rejected_and_reported(tmp_path, compute):
     upside_down[:, 1] = face.box[1] + face.box[3] - upside_down[:, 1]
     assert "above" in landmark_problem(face.box, upside_down)
     summary = upscale_path(photo, tmp_path / "o.jpg", options(model="bicubic", scale=1), compute, detector=detector)
-    write_report(tmp_path / "r.json", summary)
+    write_upscale_report(tmp_path / "r.json", summary)
     routes = [f["route"] for f in json.loads((tmp_path / "r.json").read_text())["images"][0]["faces"]]
     assert routes.count("rejected") == len(rejected) and summary.results[0].faces_rejected == len(rejected)
 

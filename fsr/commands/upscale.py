@@ -20,7 +20,7 @@ from fsr.commands.common import (
 )
 from fsr.core.io import DEFAULT_MAX_PIXELS, describe_os_error
 from fsr.models.face.pipeline import DEFAULT_MAX_DRIFT, DEFAULT_MIN_FACE, DEFAULT_MIN_SCORE
-from fsr.upscale import UpscaleError, UpscaleOptions, UpscaleSummary, throughput, upscale_path, write_report
+from fsr.upscale import UpscaleError, UpscaleOptions, UpscaleSummary, throughput, upscale_path, write_upscale_report
 
 
 def _terminate_as_interrupt(signum, frame):  # noqa: ARG001
@@ -99,7 +99,7 @@ def upscale_command(
     _print_skipped(summary)
     if report is not None:
         try:
-            write_report(report, summary)
+            write_upscale_report(report, summary)
         except OSError as exc:
             fail(f"cannot write the report {report} ({describe_os_error(exc)}); the {summary.done} upscaled images are kept")
     console.print(_summary_table(summary))

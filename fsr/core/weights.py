@@ -251,8 +251,3 @@ def update_checksums(folder: Path, names: list[str]) -> None:
         sums[name] = sha256_file(folder / name)
     lines = [f"{digest}  {name}" for name, digest in sorted(sums.items())]
     atomic_write_text(folder / CHECKSUM_FILE, "\n".join(lines) + "\n")
-
-
-def write_json(path: str | os.PathLike, data: object) -> None:
-    """Write JSON atomically, pretty-printed."""
-    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")

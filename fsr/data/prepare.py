@@ -49,8 +49,8 @@ from fsr.core.io import (
     read_image,
     remove_stale_temporaries,
     write_image,
+    write_json,
 )
-from fsr.core.weights import write_json
 from fsr.data.degrade import bicubic_down
 from fsr.data.manifest import (
     MANIFEST_FILE,

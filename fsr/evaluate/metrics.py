@@ -37,8 +37,7 @@ import torch
 
 from fsr.core.batching import make_progress
 from fsr.core.device import Compute
-from fsr.core.io import ImageReadError, atomic_path, atomic_write_text, list_image_files, read_image, to_tensor
-from fsr.core.weights import write_json
+from fsr.core.io import ImageReadError, atomic_path, atomic_write_text, list_image_files, read_image, to_tensor, write_json
 from fsr.data.degrade import quantise_8bit
 from fsr.data.manifest import read_manifest
 from fsr.evaluate.grid import GridRow, grid_positions, save_comparison_grid
@@ -490,7 +489,7 @@ def evaluate_prepared(
 # ----------------------------------------------------------------------------- outputs
 
 
-def write_report(report: MetricsReport, out_dir: str | Path) -> dict[str, Path]:
+def write_metrics_files(report: MetricsReport, out_dir: str | Path) -> dict[str, Path]:
     """Write ``metrics_per_image.csv`` and ``metrics_summary.json`` into ``out_dir``."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -619,7 +618,7 @@ def run_metrics(
         title = f"{report.source.get('data') or report.source.get('hr')}: PSNR RGB" + (
             f", {report.face_model} SR-HR" if report.face_model else "")
         report.grid = str(save_comparison_grid(out_dir / "comparison.png", report.grid_rows, report.systems, title))
-    paths = write_report(report, out_dir)
+    paths = write_metrics_files(report, out_dir)
     if report.grid:
         paths["grid"] = Path(report.grid)
     return report, paths

@@ -42,8 +42,7 @@ import torch
 
 from fsr.core.batching import make_progress
 from fsr.core.device import Compute, machine_description, synchronize
-from fsr.core.io import atomic_path, atomic_write_text, read_image
-from fsr.core.weights import write_json
+from fsr.core.io import atomic_path, atomic_write_text, read_image, write_json
 from fsr.data.degrade import alpha_degrade
 from fsr.data.manifest import read_manifest
 from fsr.evaluate.verification import Pair, PairedComparison, VerificationResult, kfold_verification, paired_comparison, read_pairs

@@ -20,14 +20,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from fsr.core.io import atomic_write_text
+from fsr.core.io import atomic_write_text, write_json
 from fsr.core.weights import (
     WeightsError,
     load_safetensors,
     load_torch_checkpoint,
     save_safetensors,
     sha256_file,
-    write_json,
 )
 from fsr.models.generators import build_generator
 from fsr.models.rrdb import rrdb_args_from_state_dict

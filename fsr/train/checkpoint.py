@@ -32,14 +32,13 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from fsr.core.io import atomic_write_text
+from fsr.core.io import atomic_write_text, write_json
 from fsr.core.weights import (
     WeightsError,
     load_safetensors,
     load_torch_checkpoint,
     save_safetensors,
     sha256_file,
-    write_json,
 )
 from fsr.models.sr import ModelCard, export_sr_model
 
