@@ -9,7 +9,10 @@ paper's Table 1 rows (CelebA, 32 -> 128) beside it. Writes the figures as JSON a
 Usage:
   python benchmarks/heldout.py --set celeba_m0.1=data/celeba_test_m0.1 \\
       --set celeba_m0.25=data/celeba_test_m0.25 --set celeba_m0.4=data/celeba_test_m0.4 \\
-      --system default --system fsr_l1 --out benchmarks/heldout.json
+      --system default --system fsr_l1 --out benchmarks/heldout.json [--write-cards]
+
+``--write-cards`` stores each model's rows (and the paper's Table 1) as ``heldout`` in the
+model card beside its weights, so the card carries its figures on unseen faces.
 """
 
 from __future__ import annotations
@@ -18,9 +21,13 @@ import argparse
 import json
 import subprocess
 import sys
+from datetime import date
 from pathlib import Path
 
 from fsr.core.device import machine_description
+from fsr.core.weights import find_weights
+from fsr.models.sr import update_card
+from fsr.models.systems import DEFAULT_MODEL_NAME
 
 #: IP-FSRGAN paper, Table 1 (32 -> 128): PSNR (dB), SSIM of LR (bicubic), SRCNN, SRGAN, ESRGAN, IP-FSRGAN.
 PAPER_TABLE1 = {
@@ -67,6 +74,34 @@ def markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
+def weights_of(system: str) -> Path | None:
+    """The weights file a system name stands for (``default``, NAME in the weights folders, PATH)."""
+    if Path(system).is_file():
+        return Path(system)
+    return find_weights(f"{DEFAULT_MODEL_NAME if system == 'default' else system}.safetensors")
+
+
+def write_cards(results: dict, specs: dict[str, str], command: str) -> list[Path]:
+    """Store every model's held-out rows, with bicubic's and the paper's Table 1, in its card.
+    ``specs``: the system names fsr metrics reported -> the spec each was given as."""
+    written = []
+    systems = {s for rows in results.values() for s in rows if s != "bicubic"}
+    for system in sorted(systems):
+        path = weights_of(specs.get(system, system))
+        if path is None:
+            print(f"{system}: no weights file found; card not updated", file=sys.stderr)
+            continue
+        record = {
+            "date": date.today().isoformat(), "machine": machine_description(), "command": command,
+            "sets": {name: {"model": rows[system], "bicubic": rows["bicubic"]}
+                     for name, rows in results.items() if system in rows},
+            "paper_table1_psnr_ssim": PAPER_TABLE1,
+        }
+        update_card(path, heldout=record)
+        written.append(path.with_suffix(".json"))
+    return written
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--set", action="append", required=True, help="NAME=PREPARED_DIR (repeatable)")
@@ -75,13 +110,16 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--work", default="heldout_out", help="folder for the per-set fsr metrics outputs")
     parser.add_argument("--out", default="", help="write the figures to this JSON file (and .md beside it)")
+    parser.add_argument("--write-cards", action="store_true", help="store each model's rows in its model card")
     args = parser.parse_args()
     print(f"machine: {machine_description()}")
     results: dict[str, dict] = {}
+    specs: dict[str, str] = {}
     for spec in args.set:
         name, _, folder = spec.partition("=")
         summary = run_metrics(Path(folder), args.system, Path(args.work) / name, args.limit, args.threads)
         results[name] = {s: gains(summary, s) for s in summary["systems"]}  # the names fsr metrics gave them
+        specs.update(summary["source"].get("systems", {}))
         print(f"{name}: " + "; ".join(f"{s} {r['psnr_gain']:+.2f} dB, SSIM {r['ssim_gain']:+.3f}"
                                       for s, r in results[name].items() if s != "bicubic"), flush=True)
     table = markdown(results)
@@ -90,6 +128,9 @@ def main() -> None:
         out = Path(args.out)
         out.write_text(json.dumps({"machine": machine_description(), "results": results}, indent=2))
         out.with_suffix(".md").write_text(table + "\n")
+    if args.write_cards:
+        for card in write_cards(results, specs, " ".join(["python", *sys.argv])):
+            print(f"card updated: {card}")
 
 
 if __name__ == "__main__":
