@@ -38,11 +38,11 @@ PAPER_TABLE1 = {
 }
 
 
-def run_metrics(data: Path, systems: list[str], out: Path, limit: int, threads: int) -> dict:
+def run_metrics(data: Path, systems: list[str], out: Path, limit: int, threads: int, grid: int = 0) -> dict:
     """One ``fsr metrics`` run; returns its metrics_summary.json."""
     cmd = [sys.executable, "-m", "fsr.cli", "metrics", "--data", str(data), "--system", "bicubic",
            *[a for s in systems for a in ("--system", s)], "--out", str(out), "--limit", str(limit),
-           "--threads", str(threads)]
+           "--threads", str(threads), "--grid", str(grid)]
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     return json.loads((out / "metrics_summary.json").read_text())
 
@@ -110,6 +110,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--work", default="heldout_out", help="folder for the per-set fsr metrics outputs")
     parser.add_argument("--out", default="", help="write the figures to this JSON file (and .md beside it)")
+    parser.add_argument("--grid", type=int, default=0, help="also write each set's comparison.png of N faces")
     parser.add_argument("--write-cards", action="store_true", help="store each model's rows in its model card")
     args = parser.parse_args()
     print(f"machine: {machine_description()}")
@@ -117,7 +118,7 @@ def main() -> None:
     specs: dict[str, str] = {}
     for spec in args.set:
         name, _, folder = spec.partition("=")
-        summary = run_metrics(Path(folder), args.system, Path(args.work) / name, args.limit, args.threads)
+        summary = run_metrics(Path(folder), args.system, Path(args.work) / name, args.limit, args.threads, args.grid)
         results[name] = {s: gains(summary, s) for s in summary["systems"]}  # the names fsr metrics gave them
         specs.update(summary["source"].get("systems", {}))
         print(f"{name}: " + "; ".join(f"{s} {r['psnr_gain']:+.2f} dB, SSIM {r['ssim_gain']:+.3f}"
