@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import sys
 from dataclasses import replace
 from datetime import date
 from pathlib import Path
@@ -112,9 +114,12 @@ def bucket_table(rows: list[dict]) -> list[dict]:
     return table
 
 
-def measured_range(table: list[dict], min_faces: int = 2) -> tuple[float, float] | None:
-    """The LR face sizes where SR was measured at or above bicubic: the run of buckets from the
-    smallest one with at least ``min_faces`` faces and gain >= 0, up to the first that is not."""
+def measured_range(table: list[dict], crops: list[dict] = (), margin: float = 0.25,
+                   min_faces: int = 2) -> tuple[float, float] | None:
+    """The LR face sizes where SR was measured at or above bicubic: the run of photo buckets from
+    the smallest one with at least ``min_faces`` faces and gain >= 0, up to the first that is not;
+    extended down by the faces-mode crops (face side = crop side / (1 + 2 margin)), from the
+    largest crop down to the first that is not ahead (small faces are rare in the photos)."""
     run = []
     for row in table:
         if row["bucket"] == "all":
@@ -124,7 +129,14 @@ def measured_range(table: list[dict], min_faces: int = 2) -> tuple[float, float]
             run.append((low, high))
         elif run:
             break
-    return (run[0][0], run[-1][1]) if run else None
+    if not run:
+        return None
+    low = run[0][0]
+    for row in sorted(crops, key=lambda r: -r["crop"]):
+        if row["faces"] < min_faces or row["gain_db"] < 0:
+            break
+        low = min(low, float(math.floor(row["crop"] / (1 + 2 * margin))))
+    return (low, run[-1][1])
 
 
 def crop_sizes(paths: list[Path], models: RunModels, options: UpscaleOptions, detector) -> list[dict]:
@@ -217,16 +229,6 @@ def main() -> None:
     print("| LR face px | faces | through model | SR dB | bicubic dB | gain dB |\n|---|---|---|---|---|---|")
     for r in photos:
         print(f"| {r['bucket']} | {r['faces']} | {r['sr_through_model']} | {r['psnr_sr']:.2f} | {r['psnr_bicubic']:.2f} | {r['gain_db']:+.2f} |")
-    found = measured_range(photos)
-    print(f"\nmeasured range (LR face box side, px): {found}")
-    if args.write_card and found is not None:
-        weights = find_weights(f"{DEFAULT_MODEL_NAME if args.model == 'default' else args.model}.safetensors")
-        update_card(weights, lr_face_range=found, lr_face_range_measurement={
-            "what": "LR face sizes (detector box side, px) where SR beat bicubic on face regions of x4-downscaled photos",
-            "command": f"python benchmarks/photo_quality.py --model {args.model} --per-source {args.per_source} "
-                       "--threshold 0 --max-drift 0 --drift-faces 0 --skip-crops --write-card",
-            "buckets": photos, "date": date.today().isoformat()})
-        print(f"wrote lr_face_range {found} to {weights.with_suffix('.json')}")
     crops, sharp, drift = [], None, None
     if not args.skip_crops:
         crops = crop_sizes([p for s, _, p in sources if s != "lfw"], models, options, detector)
@@ -235,6 +237,16 @@ def main() -> None:
             print(f"| {r['crop']} | {r['faces']} | {r['psnr_sr']:.2f} | {r['psnr_bicubic']:.2f} | {r['gain_db']:+.2f} |")
         sharp = sharp_crop(args.data / "wild" / "img1.jpg", models, options, detector)
         print(f"\nsharp 128 px crop, x4 and back: {sharp:.2f} dB")
+    found = measured_range(photos, crops, options.margin)
+    print(f"\nmeasured range (LR face box side, px): {found}")
+    if args.write_card and found is not None:
+        weights = find_weights(f"{DEFAULT_MODEL_NAME if args.model == 'default' else args.model}.safetensors")
+        update_card(weights, lr_face_range=found, lr_face_range_measurement={
+            "what": "LR face sizes (detector box side, px) where SR beat bicubic on face regions of x4-downscaled "
+                    "photos, extended down by face crops in faces mode (face side = crop side / 1.5)",
+            "command": " ".join(["python", *sys.argv]),
+            "buckets": photos, "crops": crops, "date": date.today().isoformat()})
+        print(f"wrote lr_face_range {found} to {weights.with_suffix('.json')}")
     if args.drift_faces:
         held = held_out_celeba(args.data / "celeba_train")
         faces = {p: d.name for d in held for p in sorted(d.glob("*.jpg"))[:2]}

@@ -520,7 +520,7 @@ def upscale_crops(crops: list[np.ndarray], models: RunModels, options: UpscaleOp
         for k, face, drift in zip(members, sr, drifts):
             classical, record = out[k]
             record["drift"] = drift
-            if drift is not None and drift > options.max_drift:
+            if drift is not None and options.max_drift and drift > options.max_drift:
                 record["reason"] = f"identity drift {drift:.3f} > {options.max_drift:g}"
                 continue
             record["route"] = "sr"

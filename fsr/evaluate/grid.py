@@ -72,7 +72,7 @@ def save_comparison_grid(path: str | Path, rows: list[GridRow], systems: list[st
                 ax.set_ylabel(row.key, fontsize=7)
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / fig.get_figheight()) if title else None)
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=100)
     plt.close(fig)
