@@ -70,7 +70,7 @@ def test_verification_model_is_a_recorded_fine_tune_of_the_default():
     assert card["lfw_pairs_evaluation"]["gain_over_bicubic"]["psnr_rgb_db"] > 2.0
 
 
-@pytest.mark.parametrize("model_name", ["default", "fsr_verify", "fsr_celeba"])
+@pytest.mark.parametrize("model_name", ["default", "fsr_verify", "fsr_celeba", "fsr_deep"])
 def test_shipped_model_beats_bicubic_on_unseen_lfw_faces(model_name):
     # 32 evaluation identities (named in pairs.txt, so never in the training data); the face
     # sits in the centre of LFW's deep-funneled images: a 160-px centre square ~ fsr's crop.
@@ -109,9 +109,10 @@ def test_self_ensemble_inverts_each_flip_and_helps_on_unseen_faces():
         load_sr_system("bicubic+")
 
 
-def test_celeba_model_restores_held_out_celeba_faces_better_than_the_default():
-    """fsr_celeba was fine-tuned without fsr's 40 held-out CelebA identities: on their faces
-    (centre crop at margin 0.25 of the face-centred CelebA crops) it beats the default."""
+def test_celeba_models_restore_held_out_celeba_faces_better_than_the_default():
+    """fsr_celeba and fsr_deep (fsr_celeba grown to 8 RRDB blocks) never saw fsr's 40 held-out
+    CelebA identities: on their faces (centre crop at margin 0.25 of the face-centred CelebA
+    crops) each beats the one it was trained from."""
     from fsr.core.io import read_image, to_tensor
     from fsr.data.degrade import resize_bicubic
     from tests.conftest import CELEBA_DIR
@@ -134,5 +135,31 @@ def test_celeba_model_restores_held_out_celeba_faces_better_than_the_default():
         mse = ((load_sr_system(system, compute)(lr) - hr_t) ** 2).mean(dim=(1, 2, 3))
         return float((10 * torch.log10(1 / mse)).mean())
 
-    bicubic, default, celeba = psnr("bicubic"), psnr("default"), psnr("fsr_celeba")
-    assert celeba > default > bicubic + 1.5, (bicubic, default, celeba)
+    bicubic, default, celeba, deep = psnr("bicubic"), psnr("default"), psnr("fsr_celeba"), psnr("fsr_deep")
+    assert deep > celeba > default > bicubic + 1.5, (bicubic, default, celeba, deep)
+
+
+def test_deep_model_is_the_celeba_model_grown_and_records_its_held_out_figures():
+    card = json.loads((SHIPPED_WEIGHTS_DIR / "fsr_deep.json").read_text())
+    assert card["arch_args"]["nb"] == 8 and card["arch_args"]["nf"] == 32
+    assert card["config"]["model"]["init_weights"] == "weights/fsr_celeba.safetensors"
+    assert card["sha256"] == shipped_checksums()["fsr_deep.safetensors"]
+    sets = card["heldout"]["sets"]
+    for name in ("celeba_m0.1", "celeba_m0.25", "celeba_m0.4", "lfw_fold1"):
+        assert sets[name]["model"]["n"] >= 800 and sets[name]["model"]["psnr_gain"] > 2.0
+    low, high = card["lr_face_range"]
+    assert low <= 24 and high >= 64
+
+
+@pytest.mark.parametrize("model_name", ["fsr_default", "fsr_celeba", "fsr_deep", "fsr_verify"])
+def test_shipped_models_take_the_face_crops_fsr_prepare_makes(model_name):
+    """Each card's measured face-size range admits the faces of 24-160 px crops framed as
+    `fsr prepare` frames them, so `fsr upscale --model NAME` on such crops uses the network."""
+    from fsr.models.face.pipeline import routes_to_sr
+    from fsr.models.sr import read_card
+    from fsr.upscale import UpscaleOptions, crop_face_side
+
+    card = read_card(SHIPPED_WEIGHTS_DIR / f"{model_name}.safetensors")
+    margin = UpscaleOptions().margin
+    for crop in (24, 32, 48, 64, 128, 160):
+        assert routes_to_sr(crop_face_side(crop, crop, margin), card.lr_face_range), (crop, card.lr_face_range)
