@@ -68,8 +68,8 @@ def save_comparison_grid(path: str | Path, rows: list[GridRow], systems: list[st
                 ax.set_title(name, fontsize=9)
             if name in row.stats:
                 ax.set_xlabel(_tile_label(row.stats[name]), fontsize=7)
-            if j == 0:
-                ax.set_ylabel(row.key, fontsize=7)
+            if j == 0:  # the key's end: the file name tells faces apart
+                ax.set_ylabel(row.key if len(row.key) <= 24 else "..." + row.key[-21:], fontsize=7)
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / fig.get_figheight()) if title else None)
