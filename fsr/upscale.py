@@ -824,9 +824,7 @@ def run_pending(plan: RunPlan, models: RunModels, options: UpscaleOptions) -> tu
             for item in _prefetch(lambda job: load_job(job, options), plan.pending, pool, window=max(8, min(chunk, 64))):
                 if item.error:
                     done = [_result(item, "failed", reason=item.error)]
-                elif item.mode == "faces" and not confirm_face_crop(item, models, options):
-                    done = [run_photo_job(item, models, options)]
-                elif item.mode == "faces":
+                elif item.mode == "faces" and confirm_face_crop(item, models, options):
                     crops.append(item)
                     done, crops = (run_crop_jobs(crops, models, options), []) if len(crops) >= chunk else ([], crops)
                 else:
