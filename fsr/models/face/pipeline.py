@@ -167,6 +167,14 @@ def judge_face(face: Face, rule: FaceFilter) -> str:
     return ""
 
 
+def _detected_faces(det, factor: float, offset: float = 0.0) -> list[Face]:
+    """One image's MTCNN detections as :class:`Face` objects in the source image's pixels: the
+    searched copy was the source scaled by ``factor`` after ``offset`` px of padding per side."""
+    boxes = np.asarray(det.boxes, dtype=np.float64).reshape(-1, 4) / factor - offset
+    marks = np.asarray(det.landmarks, dtype=np.float64).reshape(-1, 5, 2) / factor - offset
+    return [Face(box, float(score), lm) for box, score, lm in zip(boxes, np.asarray(det.scores).reshape(-1), marks)]
+
+
 def find_faces(detector, rgb8: np.ndarray, rule: FaceFilter, max_pixels: int = 12_000_000) -> list[Face]:
     """Every detection in an (H, W, 3) uint8 photo, most confident first, judged by ``rule``.
 
@@ -179,10 +187,7 @@ def find_faces(detector, rgb8: np.ndarray, rule: FaceFilter, max_pixels: int = 1
         factor = math.sqrt(max_pixels / (height * width))
         size = (max(1, round(width * factor)), max(1, round(height * factor)))
         rgb8 = cv2.resize(rgb8, size, interpolation=cv2.INTER_AREA)
-    det = detector.detect([rgb8], min_face=max(8.0, rule.min_size * factor))[0]
-    boxes = np.asarray(det.boxes, dtype=np.float64).reshape(-1, 4) / factor
-    marks = np.asarray(det.landmarks, dtype=np.float64).reshape(-1, 5, 2) / factor
-    faces = [Face(box, float(score), lm) for box, score, lm in zip(boxes, np.asarray(det.scores).reshape(-1), marks)]
+    faces = _detected_faces(detector.detect([rgb8], min_face=max(8.0, rule.min_size * factor))[0], factor)
     for face in faces:
         face.rejected = judge_face(face, rule)
     return faces
@@ -206,10 +211,7 @@ def crop_face(detector, rgb8: np.ndarray, rule: FaceFilter, pad: float = 0.5, mi
     factor = max(1.0, min_side / max(height, width))
     if factor > 1.0:
         padded = cv2.resize(padded, None, fx=factor, fy=factor, interpolation=cv2.INTER_CUBIC)
-    det = detector.detect([padded], min_face=12)[0]
-    boxes = np.asarray(det.boxes, dtype=np.float64).reshape(-1, 4) / factor - border
-    marks = np.asarray(det.landmarks, dtype=np.float64).reshape(-1, 5, 2) / factor - border
-    faces = [Face(box, float(score), lm) for box, score, lm in zip(boxes, np.asarray(det.scores).reshape(-1), marks)]
+    faces = _detected_faces(detector.detect([padded], min_face=12)[0], factor, border)
     rule = replace(rule, min_size=min_fraction * max(height, width))  # the crop's own face, not a speck
     real = [f for f in faces if not judge_face(f, rule)]
     return max(real, key=lambda f: f.side) if real else None
