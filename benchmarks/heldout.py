@@ -25,9 +25,8 @@ from datetime import date
 from pathlib import Path
 
 from fsr.core.device import machine_description
-from fsr.core.weights import find_weights
 from fsr.models.sr import update_card
-from fsr.models.systems import DEFAULT_MODEL_NAME
+from fsr.models.systems import sr_weights_path
 
 #: IP-FSRGAN paper, Table 1 (32 -> 128): PSNR (dB), SSIM of LR (bicubic), SRCNN, SRGAN, ESRGAN, IP-FSRGAN.
 PAPER_TABLE1 = {
@@ -74,20 +73,13 @@ def markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
-def weights_of(system: str) -> Path | None:
-    """The weights file a system name stands for (``default``, NAME in the weights folders, PATH)."""
-    if Path(system).is_file():
-        return Path(system)
-    return find_weights(f"{DEFAULT_MODEL_NAME if system == 'default' else system}.safetensors")
-
-
 def write_cards(results: dict, specs: dict[str, str], command: str) -> list[Path]:
     """Store every model's held-out rows, with bicubic's and the paper's Table 1, in its card.
     ``specs``: the system names fsr metrics reported -> the spec each was given as."""
     written = []
     systems = {s for rows in results.values() for s in rows if s != "bicubic"}
     for system in sorted(systems):
-        path = weights_of(specs.get(system, system))
+        path = sr_weights_path(specs.get(system, system))
         if path is None:
             print(f"{system}: no weights file found; card not updated", file=sys.stderr)
             continue

@@ -33,14 +33,13 @@ import torch
 
 from fsr.core.device import Compute
 from fsr.core.io import LoadedImage, read_image, to_tensor, to_uint8
-from fsr.core.weights import find_weights
 from fsr.core.resize import resize_bicubic
 from fsr.detect.crop import extract_square, points_to_crop, square_box
 from fsr.detect.mtcnn import MTCNN
 from fsr.models.face import create_face_model
 from fsr.models.face.pipeline import FaceFilter, find_faces
 from fsr.models.sr import update_card
-from fsr.models.systems import DEFAULT_MODEL_NAME, load_sr_system
+from fsr.models.systems import load_sr_system, sr_weights_path
 from fsr.upscale import RunModels, UpscaleOptions, classical_upscale, upscale_crop, upscale_photo
 
 REPO = Path(__file__).resolve().parents[1]
@@ -240,7 +239,7 @@ def main() -> None:
     found = measured_range(photos, crops, options.margin)
     print(f"\nmeasured range (LR face box side, px): {found}")
     if args.write_card and found is not None:
-        weights = find_weights(f"{DEFAULT_MODEL_NAME if args.model == 'default' else args.model}.safetensors")
+        weights = sr_weights_path(args.model)
         update_card(weights, lr_face_range=found, lr_face_range_measurement={
             "what": "LR face sizes (detector box side, px) where SR beat bicubic on face regions of x4-downscaled "
                     "photos, extended down by face crops in faces mode (face side = crop side / 1.5)",

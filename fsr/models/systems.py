@@ -106,6 +106,15 @@ def load_generator_file(path: str | Path) -> tuple[nn.Module, ModelCard]:
     return load_sr_model(path)
 
 
+def sr_weights_path(spec: str) -> Path | None:
+    """The weights file an SR system spec names: ``default`` -> the default model, a PATH, or
+    NAME.safetensors in the weights folders; None when there is no such file."""
+    if spec == "default":
+        return find_weights(f"{DEFAULT_MODEL_NAME}.safetensors")
+    candidate = Path(spec).expanduser()
+    return candidate if candidate.is_file() else find_weights(f"{spec}.safetensors")
+
+
 def load_sr_system(spec: str, compute: Compute | None = None) -> SRSystem:
     """Resolve a system spec (``bicubic`` | ``default`` | NAME | PATH) to an :class:`SRSystem`.
 
@@ -118,19 +127,14 @@ def load_sr_system(spec: str, compute: Compute | None = None) -> SRSystem:
         return system
     if spec == "bicubic":
         return SRSystem(name="bicubic")
-    if spec == "default":
-        path = find_weights(f"{DEFAULT_MODEL_NAME}.safetensors")
-        if path is None:
-            raise WeightsError(
-                f"default model {DEFAULT_MODEL_NAME}.safetensors not found in the weights folders "
-                "(weights/, $FSR_WEIGHTS_DIR); pass --model PATH"
-            )
-        name = "default"
-    else:
-        candidate = Path(spec).expanduser()
-        path = candidate if candidate.is_file() else find_weights(f"{spec}.safetensors")
-        if path is None:
-            raise WeightsError(f"{spec}: no such model file, and no {spec}.safetensors in the weights folders")
-        name = candidate.stem if candidate.is_file() else spec
+    path = sr_weights_path(spec)
+    if path is None and spec == "default":
+        raise WeightsError(
+            f"default model {DEFAULT_MODEL_NAME}.safetensors not found in the weights folders "
+            "(weights/, $FSR_WEIGHTS_DIR); pass --model PATH"
+        )
+    if path is None:
+        raise WeightsError(f"{spec}: no such model file, and no {spec}.safetensors in the weights folders")
+    name = path.stem if spec != "default" and Path(spec).expanduser().is_file() else spec
     model, card = load_sr_model(path)
     return SRSystem(name=name, scale=card.scale, model=model, compute=compute, card=card)
