@@ -61,6 +61,7 @@ from fsr.core.io import (
     describe_os_error,
     list_image_files,
     output_collisions,
+    pixel_max,
     read_image,
     remove_stale_temporaries,
     to_image_array,
@@ -337,10 +338,6 @@ def choose_mode(height: int, width: int, options: UpscaleOptions) -> str:
 # ----------------------------------------------------------------------------- pixel work
 
 
-def _max_value(dtype: np.dtype) -> float:
-    return 65535.0 if dtype == np.uint16 else 255.0
-
-
 def classical_upscale(image: np.ndarray, scale: int, tile: int = 512) -> np.ndarray:
     """Upscale an (H, W) or (H, W, C) uint8/uint16 array by an integer ``scale`` with
     antialiased bicubic (PIL-compatible Keys kernel, a = -0.5), tile by tile.
@@ -356,7 +353,7 @@ def classical_upscale(image: np.ndarray, scale: int, tile: int = 512) -> np.ndar
     img = image[..., None] if squeeze else image
     height, width, channels = img.shape
     out = np.empty((height * scale, width * scale, channels), dtype=img.dtype)
-    maxv = _max_value(img.dtype)
+    maxv = pixel_max(img.dtype)
     halo = 4
     for y0 in range(0, height, tile):
         y1 = min(height, y0 + tile)

@@ -54,6 +54,11 @@ class ImageReadError(Exception):
         super().__init__(f"{self.path}: {reason}")
 
 
+def pixel_max(dtype: np.dtype) -> float:
+    """The value of a full-intensity pixel of an integer image: 65535 for uint16, else 255."""
+    return 65535.0 if dtype == np.uint16 else 255.0
+
+
 @dataclass
 class LoadedImage:
     """A decoded image in display orientation.
@@ -67,7 +72,7 @@ class LoadedImage:
 
     @property
     def max_value(self) -> int:
-        return 65535 if self.rgb.dtype == np.uint16 else 255
+        return int(pixel_max(self.rgb.dtype))
 
     @property
     def height(self) -> int:
@@ -218,8 +223,7 @@ def to_tensor(array: np.ndarray) -> torch.Tensor:
 def to_image_array(tensor: torch.Tensor, dtype: np.dtype = np.uint8) -> np.ndarray:
     """(C, H, W) float tensor in [0, 1] -> (H, W, C) array of ``dtype`` (uint8 or uint16),
     rounded and clamped: the pixels a saved image holds."""
-    maxv = 65535.0 if dtype == np.uint16 else 255.0
-    t = tensor.detach().float().clamp(0, 1).mul(maxv).round()
+    t = tensor.detach().float().clamp(0, 1).mul(pixel_max(dtype)).round()
     t = t.to(torch.int32 if dtype == np.uint16 else torch.uint8)
     return t.permute(1, 2, 0).cpu().numpy().astype(dtype, copy=False)
 

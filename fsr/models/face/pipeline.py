@@ -28,6 +28,7 @@ import cv2
 import numpy as np
 import torch
 
+from fsr.core.io import pixel_max, to_tensor
 from fsr.core.resize import resize_bicubic
 from fsr.detect.crop import extract_square, points_to_crop, square_box
 from fsr.models.face.base import FaceModel
@@ -261,9 +262,7 @@ def face_window(face: Face, margin: float = 0.25) -> FaceWindow:
 def window_pixels(rgb: np.ndarray, window: FaceWindow) -> torch.Tensor:
     """(3, S, S) float in [0, 1] of the window with its context (edge pixels replicated outside)."""
     x0, y0, side = window.outer
-    pixels = np.ascontiguousarray(extract_square(rgb, x0, y0, side))
-    maxv = 65535.0 if pixels.dtype == np.uint16 else 255.0
-    return torch.from_numpy(pixels.astype(np.float32)).permute(2, 0, 1).div_(maxv)
+    return to_tensor(np.ascontiguousarray(extract_square(rgb, x0, y0, side)))
 
 
 def super_resolve(system, image: torch.Tensor, tile: int = DEFAULT_TILE, halo: int = DEFAULT_HALO) -> torch.Tensor:
@@ -344,7 +343,7 @@ def paste_face(
     cx1, cy1 = min(width, x0 + out_side), min(height, y0 + out_side)
     if cx1 <= cx0 or cy1 <= cy0:
         return
-    maxv = 65535.0 if canvas.dtype == np.uint16 else 255.0
+    maxv = pixel_max(canvas.dtype)
     face = face.float().cpu()
     if face.shape[-1] != out_side:
         weights = resize_matrix(face.shape[-1], out_side)
