@@ -139,8 +139,7 @@ def deepen_rrdb_state(small: dict[str, torch.Tensor], deep: RRDBNet) -> dict[str
     tensor must have the same shape in both models.
     """
     state = {k: v.clone() for k, v in deep.state_dict().items()}
-    small_blocks = {int(k.split(".")[1]) for k in small if k.startswith("body.")}
-    n_small, n_deep = len(small_blocks), len(deep.body)
+    n_small, n_deep = rrdb_args_from_state_dict(small)["nb"], len(deep.body)
     if n_small > n_deep:
         raise ValueError(f"cannot deepen {n_small} RRDB blocks to {n_deep}")
     for key, value in small.items():
