@@ -396,6 +396,18 @@ def test_ipfsrgan_step_with_identity_loss_on_real_faces(prepared, tmp_path):
     assert float(logs["l_identity"]) > 0
     assert not torch.equal(d_before["conv0_0.weight"], trainer.discriminator.state_dict()["conv0_0.weight"])
 
+    # Scale augmentation shrinks whole batches (faces of 16-31 px LR): the discriminator, built
+    # for 128 px, sees real and fake faces resized alike, and both networks still learn.
+    shrunk = FaceBatcher(arrays, train, compute.device, scale_augment=1.0, scale_min=0.5)
+    step = next(s for s in range(1, 100) if shrunk.hr_side(s) < 120)
+    batch = shrunk.make(*sampler.batch(step), step=step)
+    assert batch.hr.shape[-1] == shrunk.hr_side(step) and batch.lr.shape[-1] * 4 == batch.hr.shape[-1]
+    d_before = {k: v.clone() for k, v in trainer.discriminator.state_dict().items()}
+    logs = trainer.train_step(batch, step)
+    for key in ("l_pixel", "l_identity", "l_adv_g", "l_d"):
+        assert key in logs and torch.isfinite(logs[key]), key
+    assert not torch.equal(d_before["conv0_0.weight"], trainer.discriminator.state_dict()["conv0_0.weight"])
+
 
 def _identity_losses_or_skip(cfg, compute, build):
     from fsr.core.weights import WeightsError

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from fsr.core.device import Compute
+from fsr.core.resize import resize_bicubic
 from fsr.data.dataset import FaceBatch
 from fsr.models.discriminator import VGGStyleDiscriminator
 from fsr.models.generators import build_generator
@@ -64,6 +65,7 @@ class SRTrainer:
         self.discriminator = (
             VGGStyleDiscriminator(nf=config.model.d_nf).to(self.device, memory_format=fmt) if self.use_gan else None
         )
+        self.d_input_size = self.discriminator.input_size if self.use_gan else 0
         self.ema = None
         if config.train.ema_decay > 0:
             self.ema = copy.deepcopy(self.generator).eval()
@@ -144,9 +146,9 @@ class SRTrainer:
                     logs.update(parts)
                 if self.use_gan:
                     self.discriminator.requires_grad_(False)
-                    fake_logits = self.d_for_g(sr)
+                    fake_logits = self.d_for_g(self.discriminator_view(sr))
                     with torch.no_grad():
-                        real_logits = self.d_for_g(batch.hr)
+                        real_logits = self.d_for_g(self.discriminator_view(batch.hr))
                     l_adv = self.g_loss_fn(real_logits.float(), fake_logits.float())
                     total = total + w.adversarial * l_adv
                     logs["l_adv_g"] = l_adv.detach()
@@ -160,8 +162,8 @@ class SRTrainer:
             self.discriminator.requires_grad_(True)
             self.opt_d.zero_grad(set_to_none=True)
             with self.compute.autocast():
-                real_logits = self.d_step(batch.hr)
-                fake_logits = self.d_step(sr.detach())
+                real_logits = self.d_step(self.discriminator_view(batch.hr))
+                fake_logits = self.d_step(self.discriminator_view(sr.detach()))
                 l_d = self.d_loss_fn(real_logits.float(), fake_logits.float())
             l_d.backward()
             self.opt_d.step()
@@ -175,6 +177,12 @@ class SRTrainer:
                 self.sched_d.step()
         self.update_ema(step)
         return logs
+
+    def discriminator_view(self, images: torch.Tensor) -> torch.Tensor:
+        """(N, 3, h, w) faces as the discriminator sees them: bicubic-resized to its input side
+        (128) when the batch is smaller (``data.scale_augment`` shrinks whole batches). Real and
+        fake faces go through the same resize, so it tells them apart by content alone."""
+        return resize_bicubic(images, self.d_input_size)
 
     def ema_decay_at(self, step: int) -> float:
         """EMA decay after ``step`` + 1 updates: ``min(decay, (1 + n) / (10 + n))``.
