@@ -9,6 +9,10 @@ Four timings at one batch size (16 by default), random weights, random faces:
                  Adam, on-device batches (+ --compile / --cuda-graphs)
   fsr L1         fsr's step with the L1 loss only
 
+--perceptual identity times the fsr full step with the identity network's features as φ
+(Eq. 6; the CPU recipe, configs/ipfsrgan_deep_cpu.toml) instead of VGG19, once as fsr runs it
+(one identity pass gives the embedding and the features) and once with two separate passes.
+
 The VGG19 is randomly initialised unless --vgg-weights is given (speed does not depend on
 the weights). Usage:
   python benchmarks/train_step.py --device cuda                  # ESRGAN size (nf 64, nb 23)
@@ -180,6 +184,8 @@ def main() -> None:
     parser.add_argument("--id-weights", default="")
     parser.add_argument("--upsampler", default="nearest", help="RRDB upsampler: nearest | pixelshuffle")
     parser.add_argument("--bicubic-skip", action="store_true", help="RRDB learns the residual over bicubic")
+    parser.add_argument("--perceptual", default="vgg", choices=("vgg", "identity"),
+                        help="φ of Eq. 6 in the fsr full step (identity: also timed with two identity passes)")
     parser.add_argument("--variants", action="store_true", help="time the L1 step under each CPU speed option")
     parser.add_argument("--skip-fsr", action="store_true", help="skip the fsr full and L1 trainer steps")
     parser.add_argument("--skip-baseline", action="store_true")
@@ -222,13 +228,14 @@ def main() -> None:
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
-    def fsr_trainer(preset_overrides: list[str], with_identity: bool, with_vgg: bool) -> tuple[SRTrainer, callable]:
+    def fsr_trainer(preset_overrides: list[str], with_identity: bool, perceptual: str) -> tuple[SRTrainer, callable]:
         overrides = [f"model.nf={args.nf}", f"model.nb={args.nb}", f"model.gc={args.gc}",
                      f"train.batch_size={args.batch_size}", f"compute.compile={args.compile}",
                      f"compute.cuda_graphs={args.cuda_graphs}", *preset_overrides]
         cfg = build_config("ipfsrgan", overrides=overrides)
-        losses = LossNetworks(identity=identity if with_identity else None,
-                              perceptual=PerceptualFeatures("vgg", copy.deepcopy(vgg)) if with_vgg else None)
+        phi = {"vgg": lambda: PerceptualFeatures("vgg", copy.deepcopy(vgg)),
+               "identity": lambda: PerceptualFeatures("identity", identity), "none": lambda: None}[perceptual]()
+        losses = LossNetworks(identity=identity if with_identity else None, perceptual=phi)
         trainer = SRTrainer(cfg, compute, losses)
         batcher = FaceBatcher(arrays, np.arange(len(arrays)), device, flip=True, on_device=True,
                               channels_last=trainer.channels_last)
@@ -242,15 +249,25 @@ def main() -> None:
     if args.skip_fsr:
         _write_json(args, compute, results)
         return
-    _, full = fsr_trainer(["loss.weights=paper"] + ([] if identity is not None else ["loss.identity=0"]),
-                          identity is not None, True)
-    label = "fsr full step (G + D + VGG + identity + L1)" if identity is not None else "fsr full step (G + D + VGG + L1; no identity net)"
+    if args.perceptual == "identity" and identity is None:
+        parser.error("--perceptual identity needs the identity network")
+    trainer, full = fsr_trainer(["loss.weights=paper", f"loss.perceptual_net={args.perceptual}"]
+                                + ([] if identity is not None else ["loss.identity=0"]),
+                                identity is not None, args.perceptual)
+    phi = "VGG" if args.perceptual == "vgg" else "identity features"
+    label = (f"fsr full step (G + D + {phi} + identity + L1)" if identity is not None
+             else "fsr full step (G + D + VGG + L1; no identity net)")
     results["fsr_full"] = time_loop(full, args.steps, args.warmup, device)
     print(f"{label}, {precision_name(compute.dtype)}: {results['fsr_full']:.3g} it/s")
-    del full
+    if trainer.shared_identity_pass:
+        trainer.shared_identity_pass = False
+        results["fsr_full_two_identity_passes"] = time_loop(full, args.steps, args.warmup, device)
+        print(f"  the same with two identity passes (embedding, features): "
+              f"{results['fsr_full_two_identity_passes']:.3g} it/s")
+    del full, trainer
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    _, l1 = fsr_trainer(["loss.gan=none", "loss.identity=0", "loss.perceptual_net=none"], False, False)
+    _, l1 = fsr_trainer(["loss.gan=none", "loss.identity=0", "loss.perceptual_net=none"], False, "none")
     results["fsr_l1"] = time_loop(l1, args.steps, args.warmup, device)
     print(f"fsr L1 step, {precision_name(compute.dtype)}: {results['fsr_l1']:.3g} it/s")
     if "baseline_gan_fp32_eager" in results:

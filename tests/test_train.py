@@ -409,6 +409,35 @@ def test_ipfsrgan_step_with_identity_loss_on_real_faces(prepared, tmp_path):
     assert not torch.equal(d_before["conv0_0.weight"], trainer.discriminator.state_dict()["conv0_0.weight"])
 
 
+def test_identity_and_perceptual_losses_share_one_identity_pass(prepared):
+    """With identity features as φ (Eq. 6) and γ > 0 (Eq. 5), one forward pass of dlib gives
+    both terms: the same losses and the same updated generator as two separate passes."""
+    from fsr.core.device import Compute
+    from fsr.data.dataset import FaceBatcher, IdentityBatchSampler, load_face_arrays, split_train_val
+    from fsr.train.config import build_config
+    from fsr.train.loop import build_loss_networks
+    from fsr.train.step import SRTrainer
+
+    cfg = build_config("ipfsrgan", overrides=["loss.perceptual_net=identity", "compute.device=cpu",
+                                              *(f"{k}={v}" for k, v in TINY_OPTIONS.items())])
+    compute = Compute.create("cpu", "fp32", 4)
+    arrays = load_face_arrays(prepared)
+    train, _ = split_train_val(arrays)
+    batcher = FaceBatcher(arrays, train, compute.device)
+    batch = batcher.make(*IdentityBatchSampler(batcher.identity_np, 4).batch(0))
+    results = {}
+    for shared in (True, False):
+        trainer = SRTrainer(cfg, compute, _identity_losses_or_skip(cfg, compute, build_loss_networks))
+        assert trainer.shared_identity_pass
+        trainer.shared_identity_pass = shared
+        logs = trainer.train_step(batch, 0)
+        results[shared] = (logs, trainer.generator.state_dict())
+    (logs_a, g_a), (logs_b, g_b) = results[True], results[False]
+    for key in ("l_perceptual", "l_identity", "l_adv_g", "l_g_total"):
+        assert torch.allclose(logs_a[key], logs_b[key], rtol=1e-5, atol=1e-7), key
+    assert all(torch.allclose(g_a[k], g_b[k], rtol=1e-4, atol=1e-6) for k in g_a)
+
+
 def _identity_losses_or_skip(cfg, compute, build):
     from fsr.core.weights import WeightsError
     from fsr.train.loop import TrainingError

@@ -92,6 +92,13 @@ class SRTrainer:
         self.d_for_g = self.discriminator
         self.identity_net = losses.identity
         self.perceptual_net = losses.perceptual
+        # identity features as φ (Eq. 6) and γ > 0 (Eq. 5): one pass of the identity network
+        # gives both the embedding and the feature maps
+        self.shared_identity_pass = (
+            self.weights.identity > 0 and self.weights.perceptual > 0 and losses.identity is not None
+            and losses.perceptual is not None and losses.perceptual.kind == "identity"
+            and losses.perceptual.network is losses.identity
+        )
         if config.compute.compile or config.compute.cuda_graphs:
             use_graphs = config.compute.cuda_graphs and self.on_gpu
             if use_graphs and self.dist.enabled:
@@ -128,17 +135,24 @@ class SRTrainer:
                     l_pix = pixel_loss(sr, batch.hr, cfg.loss.pixel_criterion)
                     total = total + w.pixel * l_pix
                     logs["l_pixel"] = l_pix.detach()
-                if w.perceptual > 0 and self.perceptual_net is not None:
-                    feats_sr = self.perceptual_net(sr, batch.landmarks)
+                emb_sr = emb_hr = None
+                if self.shared_identity_pass:
+                    emb_sr, feats_sr = self.identity_net.embed_and_features(sr, batch.landmarks)
                     with torch.no_grad():
-                        feats_hr = self.perceptual_net(batch.hr, batch.landmarks)
+                        emb_hr, feats_hr = self.identity_net.embed_and_features(batch.hr, batch.landmarks)
+                if w.perceptual > 0 and self.perceptual_net is not None:
+                    if not self.shared_identity_pass:
+                        feats_sr = self.perceptual_net(sr, batch.landmarks)
+                        with torch.no_grad():
+                            feats_hr = self.perceptual_net(batch.hr, batch.landmarks)
                     l_p = perceptual_loss(feats_sr, [f.detach() for f in feats_hr], cfg.loss.perceptual_criterion)
                     total = total + w.perceptual * l_p
                     logs["l_perceptual"] = l_p.detach()
                 if w.identity > 0 and self.identity_net is not None:
-                    emb_sr = self.identity_net.embed(sr, batch.landmarks)
-                    with torch.no_grad():
-                        emb_hr = self.identity_net.embed(batch.hr, batch.landmarks)
+                    if emb_sr is None:
+                        emb_sr = self.identity_net.embed(sr, batch.landmarks)
+                        with torch.no_grad():
+                            emb_hr = self.identity_net.embed(batch.hr, batch.landmarks)
                     same = same_identity_matrix(batch.identity)
                     l_id, parts = identity_loss(emb_sr, emb_hr, same, cfg.loss.margin)
                     total = total + w.identity * l_id

@@ -149,8 +149,13 @@ class FaceModel(nn.Module):
 
     def features(self, images: torch.Tensor, landmarks: torch.Tensor | None = None) -> list[torch.Tensor]:
         """Intermediate feature maps (for a perceptual-style loss), shallow to deep."""
-        _, feats = self._run(images, landmarks, True)
-        return [f.float() for f in feats]
+        return self.embedding_and_features(images, landmarks)[1]
+
+    def embedding_and_features(self, images: torch.Tensor, landmarks: torch.Tensor | None = None
+                               ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Raw embeddings (N, D) and the feature maps of :meth:`features` from one forward pass."""
+        embedding, feats = self._run(images, landmarks, True)
+        return embedding.float(), [f.float() for f in feats]
 
     def normalize(self, embeddings: torch.Tensor) -> torch.Tensor:
         """(N, D) -> unit vectors for cosine comparison."""

@@ -74,6 +74,13 @@ class IdentityEmbedder(nn.Module):
         """The model's intermediate feature maps, shallow to deep (``--perceptual identity``)."""
         return list(self.model.features(images, landmarks=landmarks))
 
+    def embed_and_features(self, images: torch.Tensor, landmarks: torch.Tensor | None = None
+                           ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """(:meth:`embed`, :meth:`features`) from one forward pass: the identity (Eq. 5) and
+        identity-feature perceptual (Eq. 6) losses of one step share it."""
+        raw, feats = self.model.embedding_and_features(images, landmarks=landmarks)
+        return self.model.normalize(raw), list(feats)
+
     # ---- batched, no gradients (evaluation) ----------------------------------------------
     @torch.inference_mode()
     def embed_batched(self, images: torch.Tensor, landmarks: torch.Tensor | None = None) -> torch.Tensor:
