@@ -70,7 +70,7 @@ def test_verification_model_is_a_recorded_fine_tune_of_the_default():
     assert card["lfw_pairs_evaluation"]["gain_over_bicubic"]["psnr_rgb_db"] > 2.0
 
 
-@pytest.mark.parametrize("model_name", ["default", "fsr_verify", "fsr_celeba", "fsr_deep"])
+@pytest.mark.parametrize("model_name", ["default", "fsr_verify", "fsr_celeba", "fsr_deep", "fsr_ipfsrgan"])
 def test_shipped_model_beats_bicubic_on_unseen_lfw_faces(model_name):
     # 32 evaluation identities (named in pairs.txt, so never in the training data); the face
     # sits in the centre of LFW's deep-funneled images: a 160-px centre square ~ fsr's crop.
@@ -109,10 +109,9 @@ def test_self_ensemble_inverts_each_flip_and_helps_on_unseen_faces():
         load_sr_system("bicubic+")
 
 
-def test_celeba_models_restore_held_out_celeba_faces_better_than_the_default():
-    """fsr_celeba and fsr_deep (fsr_celeba grown to 8 RRDB blocks) never saw fsr's 40 held-out
-    CelebA identities: on their faces (centre crop at margin 0.25 of the face-centred CelebA
-    crops) each beats the one it was trained from."""
+def _held_out_celeba_faces(n: int = 24) -> torch.Tensor:
+    """(n, 3, 128, 128) faces of fsr's held-out CelebA identities (never trained or tuned on),
+    one per identity: the centre crop at margin 0.25 of the face-centred CelebA crops."""
     from fsr.core.io import read_image, to_tensor
     from fsr.data.degrade import resize_bicubic
     from tests.conftest import CELEBA_DIR
@@ -122,12 +121,18 @@ def test_celeba_models_restore_held_out_celeba_faces_better_than_the_default():
     split = Path(fsr.__file__).parent / "data" / "splits" / "celeba_test_identities.txt"
     held_out = [line.strip() for line in split.read_text().splitlines() if line.strip() and not line.startswith("#")]
     faces = []
-    for identity in held_out[:24]:
+    for identity in held_out[:n]:
         rgb = read_image(sorted((CELEBA_DIR / identity).glob("*.jpg"))[0]).rgb
         side = rgb.shape[0]  # square crop of twice the face box: margin 0.25 = the centre 3/4
         lo, hi = round(side / 8), round(side * 7 / 8)
         faces.append(resize_bicubic(to_tensor(rgb[lo:hi, lo:hi])[None], 128).clamp(0, 1)[0])
-    hr_t = torch.stack(faces)
+    return torch.stack(faces)
+
+
+def test_celeba_models_restore_held_out_celeba_faces_better_than_the_default():
+    """fsr_celeba and fsr_deep (fsr_celeba grown to 8 RRDB blocks) never saw fsr's 40 held-out
+    CelebA identities: on their faces each beats the one it was trained from."""
+    hr_t = _held_out_celeba_faces()
     lr = (bicubic_down(hr_t, 4) * 255).round() / 255
     compute = Compute.create("cpu", batch_size=24)
 
@@ -151,7 +156,44 @@ def test_deep_model_is_the_celeba_model_grown_and_records_its_held_out_figures()
     assert low <= 24 and high >= 64
 
 
-@pytest.mark.parametrize("model_name", ["fsr_default", "fsr_celeba", "fsr_deep", "fsr_verify"])
+def test_ipfsrgan_model_is_the_gan_fine_tune_of_the_deep_model():
+    """fsr_ipfsrgan: fsr_deep fine-tuned with the paper's loss (RaGAN + identity + perceptual + L1)."""
+    card = json.loads((SHIPPED_WEIGHTS_DIR / "fsr_ipfsrgan.json").read_text())
+    config = card["config"]
+    assert card["sha256"] == shipped_checksums()["fsr_ipfsrgan.safetensors"]
+    assert config["model"]["init_weights"] == "weights/fsr_deep.safetensors" and card["arch_args"]["nb"] == 8
+    assert config["loss"]["gan"] == "ragan" and config["loss"]["adversarial"] > 0
+    assert config["loss"]["identity"] > 0 and config["loss"]["perceptual_net"] == "identity"
+    sets = card["heldout"]["sets"]
+    for name in ("celeba_m0.1", "celeba_m0.25", "celeba_m0.4", "lfw_fold1"):
+        model = sets[name]["model"]
+        assert model["n"] >= 800 and model["psnr_gain"] > 1.5 and model["id_distance_change"] < 0, (name, model)
+
+
+def test_gan_model_restores_texture_the_psnr_model_smooths_away():
+    """On held-out CelebA faces the GAN fine-tune puts back high-frequency detail (mean absolute
+    Laplacian) that the L1-trained fsr_deep averages away, without overshooting the real faces',
+    and stays well above bicubic in PSNR."""
+    hr_t = _held_out_celeba_faces()
+    lr = (bicubic_down(hr_t, 4) * 255).round() / 255
+    compute = Compute.create("cpu", batch_size=24)
+    laplacian = torch.tensor([[0.0, 1, 0], [1, -4, 1], [0, 1, 0]]).expand(3, 1, 3, 3)
+
+    def detail(x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.conv2d(x, laplacian, groups=3).abs().mean(dim=(1, 2, 3))
+
+    def psnr(x: torch.Tensor) -> float:
+        return float((10 * torch.log10(1 / ((x - hr_t) ** 2).mean(dim=(1, 2, 3)))).mean())
+
+    deep, gan = (load_sr_system(m, compute)(lr).clamp(0, 1) for m in ("fsr_deep", "fsr_ipfsrgan"))
+    bicubic = load_sr_system("bicubic")(lr).clamp(0, 1)
+    assert (detail(gan) > detail(deep)).all()
+    assert detail(gan).mean() > 1.4 * detail(deep).mean()
+    assert detail(gan).mean() < detail(hr_t).mean()
+    assert psnr(gan) > psnr(bicubic) + 1.5
+
+
+@pytest.mark.parametrize("model_name", ["fsr_default", "fsr_celeba", "fsr_deep", "fsr_verify", "fsr_ipfsrgan"])
 def test_shipped_models_take_the_face_crops_fsr_prepare_makes(model_name):
     """Each card's measured face-size range admits the faces of 24-160 px crops framed as
     `fsr prepare` frames them, so `fsr upscale --model NAME` on such crops uses the network."""
