@@ -517,8 +517,8 @@ def upscale_crops(crops: list[np.ndarray], models: RunModels, options: UpscaleOp
         for k, face, drift in zip(members, sr, drifts):
             classical, record = out[k]
             record["drift"] = drift
-            if drift is not None and options.max_drift and drift > options.max_drift:
-                record["reason"] = f"identity drift {drift:.3f} > {options.max_drift:g}"
+            record["reason"] = drift_reason(drift, options.max_drift)
+            if record["reason"]:
                 continue
             record["route"] = "sr"
             out[k] = (to_image_array(face, crops[k].dtype), record)
@@ -535,6 +535,14 @@ def crops_through_model(crops: list[np.ndarray], models: RunModels, options: Ups
     if models.system.scale != options.scale:
         sr = resize_bicubic(sr, (height * options.scale, width * options.scale))
     return sr
+
+
+def drift_reason(drift: float | None, max_drift: float) -> str:
+    """Why an SR face keeps the classical upscale for its identity drift: '' when it does not
+    (drift not measured, at most ``max_drift``, or the check off: ``max_drift`` 0)."""
+    if drift is not None and max_drift and drift > max_drift:
+        return f"identity drift {drift:.3f} > {max_drift:g}"
+    return ""
 
 
 def face_drift(models: RunModels, sr: torch.Tensor, classical: torch.Tensor, landmarks: torch.Tensor | None) -> list:
@@ -611,8 +619,8 @@ def upscale_photo(image: LoadedImage, models: RunModels, options: UpscaleOptions
     srs, drifts = super_resolve_faces(image, canvas, faces, chosen, models, options)
     for k, sr, drift in zip(chosen, srs, drifts):
         records[k]["drift"] = drift
-        if drift is not None and options.max_drift and drift > options.max_drift:
-            records[k]["reason"] = f"identity drift {drift:.3f} > {options.max_drift:g}"
+        records[k]["reason"] = drift_reason(drift, options.max_drift)
+        if records[k]["reason"]:
             continue
         window = face_window(faces[k], options.margin)
         x0, y0, outer = window.outer
