@@ -233,8 +233,11 @@ def main() -> None:
                      f"train.batch_size={args.batch_size}", f"compute.compile={args.compile}",
                      f"compute.cuda_graphs={args.cuda_graphs}", *preset_overrides]
         cfg = build_config("ipfsrgan", overrides=overrides)
-        phi = {"vgg": lambda: PerceptualFeatures("vgg", copy.deepcopy(vgg)),
-               "identity": lambda: PerceptualFeatures("identity", identity), "none": lambda: None}[perceptual]()
+        phi = None
+        if perceptual == "vgg":
+            phi = PerceptualFeatures("vgg", copy.deepcopy(vgg))
+        elif perceptual == "identity":
+            phi = PerceptualFeatures("identity", identity)
         losses = LossNetworks(identity=identity if with_identity else None, perceptual=phi)
         trainer = SRTrainer(cfg, compute, losses)
         batcher = FaceBatcher(arrays, np.arange(len(arrays)), device, flip=True, on_device=True,
@@ -254,8 +257,8 @@ def main() -> None:
     trainer, full = fsr_trainer(["loss.weights=paper", f"loss.perceptual_net={args.perceptual}"]
                                 + ([] if identity is not None else ["loss.identity=0"]),
                                 identity is not None, args.perceptual)
-    phi = "VGG" if args.perceptual == "vgg" else "identity features"
-    label = (f"fsr full step (G + D + {phi} + identity + L1)" if identity is not None
+    phi_name = "VGG" if args.perceptual == "vgg" else "identity features"
+    label = (f"fsr full step (G + D + {phi_name} + identity + L1)" if identity is not None
              else "fsr full step (G + D + VGG + L1; no identity net)")
     results["fsr_full"] = time_loop(full, args.steps, args.warmup, device)
     print(f"{label}, {precision_name(compute.dtype)}: {results['fsr_full']:.3g} it/s")

@@ -135,13 +135,12 @@ class SRTrainer:
                     l_pix = pixel_loss(sr, batch.hr, cfg.loss.pixel_criterion)
                     total = total + w.pixel * l_pix
                     logs["l_pixel"] = l_pix.detach()
-                emb_sr = emb_hr = None
-                if self.shared_identity_pass:
-                    emb_sr, feats_sr = self.identity_net.embed_and_features(sr, batch.landmarks)
-                    with torch.no_grad():
-                        emb_hr, feats_hr = self.identity_net.embed_and_features(batch.hr, batch.landmarks)
                 if w.perceptual > 0 and self.perceptual_net is not None:
-                    if not self.shared_identity_pass:
+                    if self.shared_identity_pass:  # the identity term below reuses emb_sr, emb_hr
+                        emb_sr, feats_sr = self.identity_net.embed_and_features(sr, batch.landmarks)
+                        with torch.no_grad():
+                            emb_hr, feats_hr = self.identity_net.embed_and_features(batch.hr, batch.landmarks)
+                    else:
                         feats_sr = self.perceptual_net(sr, batch.landmarks)
                         with torch.no_grad():
                             feats_hr = self.perceptual_net(batch.hr, batch.landmarks)
@@ -149,7 +148,7 @@ class SRTrainer:
                     total = total + w.perceptual * l_p
                     logs["l_perceptual"] = l_p.detach()
                 if w.identity > 0 and self.identity_net is not None:
-                    if emb_sr is None:
+                    if not self.shared_identity_pass:
                         emb_sr = self.identity_net.embed(sr, batch.landmarks)
                         with torch.no_grad():
                             emb_hr = self.identity_net.embed(batch.hr, batch.landmarks)
