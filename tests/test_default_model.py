@@ -26,16 +26,31 @@ def _pairs_identities() -> list[str]:
     return sorted(names)
 
 
-def test_default_model_is_checksummed_and_carded():
+def test_default_model_is_the_identity_fine_tune_of_the_deep_model_and_records_its_figures():
+    """weights/fsr_default: checksummed, and its card says what it is (fsr_deep fine-tuned with
+    the identity loss, Eq. 5) and holds its held-out figures: above bicubic with a lower dlib
+    distance on every held-out set."""
     weights = SHIPPED_WEIGHTS_DIR / f"{DEFAULT_MODEL_NAME}.safetensors"
     assert shipped_checksums()[weights.name] == sha256_file(weights)
     card = json.loads(weights.with_suffix(".json").read_text())
     assert card["architecture"] == "rrdb" and card["scale"] == 4 and card["input_size"] == 32
-    assert "lfw_pairs_evaluation" in card and "command" in card and "training_data" in card
+    assert card["sha256"] == sha256_file(weights) and "command" in card and "training_data" in card
+    config = card["config"]
+    assert config["model"]["init_weights"] == "weights/fsr_deep.safetensors" and card["arch_args"]["nb"] == 8
+    assert config["loss"]["identity"] > 0 and config["loss"]["gan"] == "none"
+    others = {name: json.loads((SHIPPED_WEIGHTS_DIR / f"{name}.json").read_text())["heldout"]["sets"]
+              for name in ("fsr_fast", "fsr_deep", "fsr_ipfsrgan")}
+    for name, figures in card["heldout"]["sets"].items():
+        model = figures["model"]
+        assert model["n"] >= 800 and model["psnr_gain"] > 2.0 and model["ssim_gain"] >= 0.06, (name, model)
+        # the lowest dlib distance of the shipped models on every held-out set
+        assert model["id_distance_change"] < min(o[name]["model"]["id_distance_change"] for o in others.values()), name
+    assert set(card["heldout"]["sets"]) == {"celeba_m0.1", "celeba_m0.25", "celeba_m0.4", "lfw_fold1"}
 
 
-def test_default_model_is_the_recorded_interpolation_of_the_two_shipped_models(tmp_path):
-    """weights/fsr_default = 0.5 * fsr_l1 + 0.5 * fsr_identity, reproducible from the shipped files."""
+def test_fast_model_is_the_recorded_interpolation_of_the_two_shipped_models(tmp_path):
+    """weights/fsr_fast (the default until 2026-11-30) = 0.5 * fsr_l1 + 0.5 * fsr_identity,
+    reproducible from the shipped files."""
     from safetensors.torch import load_file
 
     from fsr.models.interpolate import interpolate_exports
@@ -45,24 +60,25 @@ def test_default_model_is_the_recorded_interpolation_of_the_two_shipped_models(t
         assert shipped_checksums()[path.name] == sha256_file(path)
         card = json.loads(path.with_suffix(".json").read_text())
         assert card["lfw_pairs_evaluation"]["pixels_7700_faces"][name]["psnr_rgb"] > 29
-    card = json.loads((SHIPPED_WEIGHTS_DIR / f"{DEFAULT_MODEL_NAME}.json").read_text())
+    card = json.loads((SHIPPED_WEIGHTS_DIR / "fsr_fast.json").read_text())
     recipe = card["interpolation"]
     assert recipe["weight"] == 0.5 and recipe["A"]["file"] == "fsr_l1.safetensors" and recipe["B"]["file"] == "fsr_identity.safetensors"
     assert recipe["A"]["sha256"] == shipped_checksums()["fsr_l1.safetensors"]
     out, _ = interpolate_exports(SHIPPED_WEIGHTS_DIR / "fsr_l1.safetensors", SHIPPED_WEIGHTS_DIR / "fsr_identity.safetensors",
                                  0.5, tmp_path / "again.safetensors")
-    again, shipped = load_file(out), load_file(SHIPPED_WEIGHTS_DIR / f"{DEFAULT_MODEL_NAME}.safetensors")
+    again, shipped = load_file(out), load_file(SHIPPED_WEIGHTS_DIR / "fsr_fast.safetensors")
     assert again.keys() == shipped.keys() and all(torch.equal(again[k], shipped[k]) for k in shipped)
 
 
-def test_verification_model_is_a_recorded_fine_tune_of_the_default():
-    """weights/fsr_verify: checksummed, carded, fine-tuned from the shipped default, and its
-    card holds the LFW figures it was shipped for."""
+def test_verification_model_is_a_recorded_fine_tune_of_the_fast_model():
+    """weights/fsr_verify: checksummed, carded, fine-tuned from fsr_fast (then shipped as
+    fsr_default; the card names that file and its SHA-256), and its card holds the LFW figures
+    it was shipped for."""
     weights = SHIPPED_WEIGHTS_DIR / "fsr_verify.safetensors"
     assert shipped_checksums()[weights.name] == sha256_file(weights)
     card = json.loads(weights.with_suffix(".json").read_text())
     assert card["sha256"] == sha256_file(weights)
-    assert shipped_checksums()["fsr_default.safetensors"] in card["init_weights_note"]
+    assert shipped_checksums()["fsr_fast.safetensors"] in card["init_weights_note"]
     assert card["config"]["model"]["init_weights"] == "weights/fsr_default.safetensors"
     assert card["config"]["data"]["alpha_augment"] == 0.5 and card["config"]["loss"]["identity"] == 1.0
     sweep = card["lfw_verification_dlib_6000_pairs"]
@@ -70,7 +86,7 @@ def test_verification_model_is_a_recorded_fine_tune_of_the_default():
     assert card["lfw_pairs_evaluation"]["gain_over_bicubic"]["psnr_rgb_db"] > 2.0
 
 
-@pytest.mark.parametrize("model_name", ["default", "fsr_verify", "fsr_celeba", "fsr_deep", "fsr_ipfsrgan"])
+@pytest.mark.parametrize("model_name", ["default", "fsr_fast", "fsr_verify", "fsr_celeba", "fsr_deep", "fsr_ipfsrgan"])
 def test_shipped_model_beats_bicubic_on_unseen_lfw_faces(model_name):
     # 32 evaluation identities (named in pairs.txt, so never in the training data); the face
     # sits in the centre of LFW's deep-funneled images: a 160-px centre square ~ fsr's crop.
@@ -129,7 +145,7 @@ def _held_out_celeba_faces(n: int = 24) -> torch.Tensor:
     return torch.stack(faces)
 
 
-def test_celeba_models_restore_held_out_celeba_faces_better_than_the_default():
+def test_celeba_models_restore_held_out_celeba_faces_better_than_the_fast_model():
     """fsr_celeba and fsr_deep (fsr_celeba grown to 8 RRDB blocks) never saw fsr's 40 held-out
     CelebA identities: on their faces each beats the one it was trained from."""
     hr_t = _held_out_celeba_faces()
@@ -140,8 +156,27 @@ def test_celeba_models_restore_held_out_celeba_faces_better_than_the_default():
         mse = ((load_sr_system(system, compute)(lr) - hr_t) ** 2).mean(dim=(1, 2, 3))
         return float((10 * torch.log10(1 / mse)).mean())
 
-    bicubic, default, celeba, deep = psnr("bicubic"), psnr("default"), psnr("fsr_celeba"), psnr("fsr_deep")
-    assert deep > celeba > default > bicubic + 1.5, (bicubic, default, celeba, deep)
+    bicubic, fast, celeba, deep = psnr("bicubic"), psnr("fsr_fast"), psnr("fsr_celeba"), psnr("fsr_deep")
+    assert deep > celeba > fast > bicubic + 1.5, (bicubic, fast, celeba, deep)
+
+
+def test_default_keeps_identity_better_than_the_models_it_replaced_on_held_out_faces():
+    """On held-out CelebA faces (never trained or tuned on), the default (fsr_deep fine-tuned
+    with the identity loss) is nearer the real face in dlib's identity space than fsr_deep and
+    fsr_fast (the previous default), and beats fsr_fast's PSNR as well."""
+    from fsr.models.face import IdentityEmbedder, create_face_model
+
+    hr_t = _held_out_celeba_faces()
+    lr = (bicubic_down(hr_t, 4) * 255).round() / 255
+    compute = Compute.create("cpu", batch_size=24)
+    dlib = IdentityEmbedder(create_face_model("dlib", compute=compute))
+    real = dlib.embed_batched(hr_t)  # dlib's raw descriptors: its own distance is Euclidean
+    sr = {name: load_sr_system(name, compute)(lr).clamp(0, 1) for name in ("bicubic", "fsr_fast", "fsr_deep", "default")}
+    distance = {name: float((dlib.embed_batched(x) - real).norm(dim=1).mean()) for name, x in sr.items()}
+    psnr = {name: float((10 * torch.log10(1 / ((x - hr_t) ** 2).mean(dim=(1, 2, 3)))).mean()) for name, x in sr.items()}
+    assert distance["default"] < min(distance["fsr_deep"], distance["fsr_fast"]) < distance["bicubic"], distance
+    assert distance["default"] < 0.9 * distance["bicubic"], distance
+    assert psnr["default"] > psnr["fsr_fast"] > psnr["bicubic"] + 1.5, psnr
 
 
 def test_deep_model_is_the_celeba_model_grown_and_records_its_held_out_figures():
@@ -193,7 +228,7 @@ def test_gan_model_restores_texture_the_psnr_model_smooths_away():
     assert psnr(gan) > psnr(bicubic) + 1.5
 
 
-@pytest.mark.parametrize("model_name", ["fsr_default", "fsr_celeba", "fsr_deep", "fsr_verify", "fsr_ipfsrgan"])
+@pytest.mark.parametrize("model_name", ["fsr_default", "fsr_fast", "fsr_celeba", "fsr_deep", "fsr_verify", "fsr_ipfsrgan"])
 def test_shipped_models_take_the_face_crops_fsr_prepare_makes(model_name):
     """Each card's measured face-size range admits the faces of 24-160 px crops framed as
     `fsr prepare` frames them, so `fsr upscale --model NAME` on such crops uses the network."""

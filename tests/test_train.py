@@ -246,7 +246,7 @@ def test_deepened_generator_starts_as_the_shipped_one_and_trains_its_new_blocks(
     from fsr.models.rrdb import RRDBNet, deepen_rrdb_state
     from fsr.models.systems import load_generator_file
 
-    shipped = REPO / "weights" / "fsr_default.safetensors"
+    shipped = REPO / "weights" / "fsr_fast.safetensors"
     small, _ = load_generator_file(shipped)
     args = {**small.arch_args, "nb": len(small.body) + 2}
     deep = RRDBNet(**args)

@@ -395,7 +395,7 @@ def test_interrupted_run_leaves_no_partial_output_and_resumes(tmp_path):
 def test_shipped_cards_load_with_a_measured_face_range_and_old_keys_are_read(tmp_path):
     from fsr.models.sr import ModelCard, read_card
 
-    for name in ("fsr_default", "fsr_l1", "fsr_identity", "fsr_verify"):
+    for name in ("fsr_default", "fsr_fast", "fsr_l1", "fsr_identity", "fsr_verify"):
         card = read_card(REPO / "weights" / f"{name}.safetensors")
         assert card.architecture == "rrdb" and card.scale == 4 and card.input_size == 32 and len(card.sha256) == 64
         low, high = card.lr_face_range
