@@ -12,7 +12,8 @@ import torch
 
 from fsr.core.device import Compute
 from fsr.core.weights import SHIPPED_WEIGHTS_DIR, sha256_file, shipped_checksums
-from fsr.data.degrade import bicubic_down
+from fsr.data.degrade import bicubic_down, quantise_8bit
+from fsr.evaluate.metrics import pixel_metrics
 from fsr.models.systems import DEFAULT_MODEL_NAME, load_sr_system
 
 from .conftest import LFW_DIR, SHARED_DATA, lfw_centre_face
@@ -24,6 +25,16 @@ def _pairs_identities() -> list[str]:
         parts = line.split()
         names.update([parts[0]] if len(parts) == 3 else [parts[0], parts[2]])
     return sorted(names)
+
+
+def _lr_faces(hr: torch.Tensor) -> torch.Tensor:
+    """The 32 px LR faces of (N, 3, 128, 128) HR faces: bicubic /4 on the 8-bit grid."""
+    return quantise_8bit(bicubic_down(hr, 4))
+
+
+def _psnr(sr: torch.Tensor, hr: torch.Tensor) -> np.ndarray:
+    """Per-face RGB PSNR (dB), as `fsr metrics` computes it."""
+    return pixel_metrics(sr, hr)["psnr_rgb"]
 
 
 def test_default_model_is_the_identity_fine_tune_of_the_deep_model_and_records_its_figures():
@@ -92,15 +103,11 @@ def test_shipped_model_beats_bicubic_on_unseen_lfw_faces(model_name):
     # sits in the centre of LFW's deep-funneled images: a 160-px centre square ~ fsr's crop.
     names = _pairs_identities()[::130][:32]
     hr_t = torch.stack([lfw_centre_face(sorted((LFW_DIR / name).glob("*.jpg"))[0]) for name in names])
-    lr = (bicubic_down(hr_t, 4) * 255).round() / 255
+    lr = _lr_faces(hr_t)
     model = load_sr_system(model_name, Compute.create("cpu", batch_size=16))
     bicubic = load_sr_system("bicubic")
 
-    def psnr(x: torch.Tensor) -> np.ndarray:
-        mse = ((x - hr_t) ** 2).mean(dim=(1, 2, 3))
-        return (10 * torch.log10(1 / mse)).numpy()
-
-    gain = psnr(model(lr)) - psnr(bicubic(lr))
+    gain = _psnr(model(lr), hr_t) - _psnr(bicubic(lr), hr_t)
     assert gain.mean() > 1.5, gain.mean()
     assert (gain > 0).mean() >= 0.9  # better on nearly every face, not only on average
 
@@ -115,7 +122,7 @@ def test_self_ensemble_inverts_each_flip_and_helps_on_unseen_faces():
 
     names = _pairs_identities()[5::65][:48]
     hr_t = torch.stack([lfw_centre_face(sorted((LFW_DIR / name).glob("*.jpg"))[0]) for name in names])
-    lr = (bicubic_down(hr_t, 4) * 255).round() / 255
+    lr = _lr_faces(hr_t)
     compute = Compute.create("cpu", batch_size=48)
     single, ensemble = load_sr_system("default", compute), load_sr_system("default+", compute)
     assert ensemble.self_ensemble and ensemble.name == "default+"
@@ -149,12 +156,11 @@ def test_celeba_models_restore_held_out_celeba_faces_better_than_the_fast_model(
     """fsr_celeba and fsr_deep (fsr_celeba grown to 8 RRDB blocks) never saw fsr's 40 held-out
     CelebA identities: on their faces each beats the one it was trained from."""
     hr_t = _held_out_celeba_faces()
-    lr = (bicubic_down(hr_t, 4) * 255).round() / 255
+    lr = _lr_faces(hr_t)
     compute = Compute.create("cpu", batch_size=24)
 
     def psnr(system: str) -> float:
-        mse = ((load_sr_system(system, compute)(lr) - hr_t) ** 2).mean(dim=(1, 2, 3))
-        return float((10 * torch.log10(1 / mse)).mean())
+        return float(_psnr(load_sr_system(system, compute)(lr), hr_t).mean())
 
     bicubic, fast, celeba, deep = psnr("bicubic"), psnr("fsr_fast"), psnr("fsr_celeba"), psnr("fsr_deep")
     assert deep > celeba > fast > bicubic + 1.5, (bicubic, fast, celeba, deep)
@@ -167,13 +173,13 @@ def test_default_keeps_identity_better_than_the_models_it_replaced_on_held_out_f
     from fsr.models.face import IdentityEmbedder, create_face_model
 
     hr_t = _held_out_celeba_faces()
-    lr = (bicubic_down(hr_t, 4) * 255).round() / 255
+    lr = _lr_faces(hr_t)
     compute = Compute.create("cpu", batch_size=24)
     dlib = IdentityEmbedder(create_face_model("dlib", compute=compute))
     real = dlib.embed_batched(hr_t)  # dlib's raw descriptors: its own distance is Euclidean
     sr = {name: load_sr_system(name, compute)(lr).clamp(0, 1) for name in ("bicubic", "fsr_fast", "fsr_deep", "default")}
     distance = {name: float((dlib.embed_batched(x) - real).norm(dim=1).mean()) for name, x in sr.items()}
-    psnr = {name: float((10 * torch.log10(1 / ((x - hr_t) ** 2).mean(dim=(1, 2, 3)))).mean()) for name, x in sr.items()}
+    psnr = {name: float(_psnr(x, hr_t).mean()) for name, x in sr.items()}
     assert distance["default"] < min(distance["fsr_deep"], distance["fsr_fast"]) < distance["bicubic"], distance
     assert distance["default"] < 0.9 * distance["bicubic"], distance
     assert psnr["default"] > psnr["fsr_fast"] > psnr["bicubic"] + 1.5, psnr
@@ -210,22 +216,19 @@ def test_gan_model_restores_texture_the_psnr_model_smooths_away():
     Laplacian) that the L1-trained fsr_deep averages away, without overshooting the real faces',
     and stays well above bicubic in PSNR."""
     hr_t = _held_out_celeba_faces()
-    lr = (bicubic_down(hr_t, 4) * 255).round() / 255
+    lr = _lr_faces(hr_t)
     compute = Compute.create("cpu", batch_size=24)
     laplacian = torch.tensor([[0.0, 1, 0], [1, -4, 1], [0, 1, 0]]).expand(3, 1, 3, 3)
 
     def detail(x: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.conv2d(x, laplacian, groups=3).abs().mean(dim=(1, 2, 3))
 
-    def psnr(x: torch.Tensor) -> float:
-        return float((10 * torch.log10(1 / ((x - hr_t) ** 2).mean(dim=(1, 2, 3)))).mean())
-
     deep, gan = (load_sr_system(m, compute)(lr).clamp(0, 1) for m in ("fsr_deep", "fsr_ipfsrgan"))
     bicubic = load_sr_system("bicubic")(lr).clamp(0, 1)
     assert (detail(gan) > detail(deep)).all()
     assert detail(gan).mean() > 1.4 * detail(deep).mean()
     assert detail(gan).mean() < detail(hr_t).mean()
-    assert psnr(gan) > psnr(bicubic) + 1.5
+    assert _psnr(gan, hr_t).mean() > _psnr(bicubic, hr_t).mean() + 1.5
 
 
 @pytest.mark.parametrize("model_name", ["fsr_default", "fsr_fast", "fsr_celeba", "fsr_deep", "fsr_verify", "fsr_ipfsrgan"])
