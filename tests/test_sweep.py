@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 from fsr.cli import app
 from fsr.core.device import Compute
 from fsr.core.io import read_image, write_image
+from fsr.core.weights import load_safetensors, save_safetensors
 from fsr.evaluate.sweep import embed_hr, embed_system, load_face_set, match_records, run_sweep, select_pairs
 from fsr.evaluate.verification import read_pairs
 from tests.conftest import LFW_DIR, SHARED_DATA
@@ -96,7 +97,6 @@ def test_alpha_degradation_moves_identity_away_from_hr(prepared, compute):
 
 def _tiny_sr_export(folder):
     """A small untrained RRDB x4 export (fsr's .safetensors + .json card): exercises the model path."""
-    from fsr.core.weights import save_safetensors
     from fsr.models.rrdb import RRDBNet
 
     torch.manual_seed(0)
@@ -138,6 +138,15 @@ def test_verify_sweep_cli_writes_outputs_and_resumes(prepared):
     assert second.exit_code == 0, second.output
     assert sorted(p.name for p in (out / "cache").glob("*.npy")) == cached
     assert json.loads((out / "sweep.json").read_text())["systems"] == summary["systems"]
+    card_path = tiny.with_suffix(".json")
+    card = json.loads(card_path.read_text())
+    card_path.write_text(json.dumps({**card, "heldout": {"psnr_gain_db": 1.0}}))  # a new measurement only
+    assert CliRunner().invoke(app, args).exit_code == 0
+    assert sorted(p.name for p in (out / "cache").glob("*.npy")) == cached
+    state = load_safetensors(tiny)
+    save_safetensors({k: v * 0.5 if v.is_floating_point() else v for k, v in state.items()}, tiny)
+    assert CliRunner().invoke(app, args).exit_code == 0
+    assert len(list((out / "cache").glob("*.npy"))) == len(cached) + 2  # new weights: both alphas again
 
 
 def test_select_pairs_and_match_records():

@@ -217,12 +217,18 @@ def _model_fingerprint(model: torch.nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
+# The card fields that change what a system outputs; the rest of a card (measurements, notes)
+# can be updated without invalidating cached embeddings.
+OUTPUT_CARD_FIELDS = ("architecture", "arch_args", "scale", "input_size", "lr_face_range")
+
+
 def _system_fingerprint(spec: str, system) -> str:
-    """What identifies a system for the cache: its model card and a digest of its weights."""
+    """What identifies a system for the cache: the card fields that shape its output and a digest of its weights."""
     if system.model is None:
         return "bicubic"
-    card = json.dumps(system.card.to_dict(), sort_keys=True, default=str)
-    return hashlib.sha256(f"{card}|{_model_fingerprint(system.model)}".encode()).hexdigest()[:16]
+    card = system.card.to_dict()
+    shape = json.dumps({key: card.get(key) for key in OUTPUT_CARD_FIELDS}, sort_keys=True, default=str)
+    return hashlib.sha256(f"{shape}|{_model_fingerprint(system.model)}".encode()).hexdigest()[:16]
 
 
 def embed_system(
