@@ -40,7 +40,7 @@ def _psnr(sr: torch.Tensor, hr: torch.Tensor) -> np.ndarray:
 def test_default_model_is_the_identity_fine_tune_of_the_deep_model_and_records_its_figures():
     """weights/fsr_default: checksummed, and its card says what it is (fsr_deep fine-tuned with
     the identity loss, Eq. 5) and holds its held-out figures: above bicubic with a lower dlib
-    distance on every held-out set."""
+    distance on every held-out set, and its LFW verification sweep."""
     weights = SHIPPED_WEIGHTS_DIR / f"{DEFAULT_MODEL_NAME}.safetensors"
     assert shipped_checksums()[weights.name] == sha256_file(weights)
     card = json.loads(weights.with_suffix(".json").read_text())
@@ -57,6 +57,11 @@ def test_default_model_is_the_identity_fine_tune_of_the_deep_model_and_records_i
         # the lowest dlib distance of the shipped models on every held-out set
         assert model["id_distance_change"] < min(o[name]["model"]["id_distance_change"] for o in others.values()), name
     assert set(card["heldout"]["sets"]) == {"celeba_m0.1", "celeba_m0.25", "celeba_m0.4", "lfw_fold1"}
+    # the full LFW protocol (6,000 pairs, dlib): at or above bicubic at every alpha from 0.3 to 1
+    sweep = card["lfw_verification_dlib_6000_pairs"]
+    assert sweep["pairs"] == 6000 and sweep["command"].count("--system") == 2 and "--limit" not in sweep["command"]
+    above = [a for a in sweep["accuracy"]["bicubic"] if float(a) >= 0.3]
+    assert len(above) == 8 and all(sweep["accuracy"]["fsr_default"][a] >= sweep["accuracy"]["bicubic"][a] for a in above)
 
 
 def test_fast_model_is_the_recorded_interpolation_of_the_two_shipped_models(tmp_path):
