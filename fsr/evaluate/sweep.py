@@ -226,8 +226,7 @@ def _system_fingerprint(spec: str, system) -> str:
     """What identifies a system for the cache: the card fields that shape its output and a digest of its weights."""
     if system.model is None:
         return "bicubic"
-    card = system.card.to_dict()
-    shape = json.dumps({key: card.get(key) for key in OUTPUT_CARD_FIELDS}, sort_keys=True, default=str)
+    shape = json.dumps({key: getattr(system.card, key) for key in OUTPUT_CARD_FIELDS}, sort_keys=True, default=str)
     return hashlib.sha256(f"{shape}|{_model_fingerprint(system.model)}".encode()).hexdigest()[:16]
 
 
@@ -392,7 +391,8 @@ def check_sweep_arguments(prepared_dir: Path, systems: list[str], alphas, includ
 @dataclass
 class NamedSystem:
     """An SR system of the sweep: its unique display ``name``, the ``--system`` ``spec`` it was
-    loaded from, and ``cache_id`` (spec plus a fingerprint of its card and weights)."""
+    loaded from, and ``cache_id`` (spec plus a fingerprint of its weights and of the card
+    fields that shape its output)."""
 
     name: str
     spec: str
