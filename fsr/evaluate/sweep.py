@@ -222,7 +222,7 @@ def _model_fingerprint(model: torch.nn.Module) -> str:
 OUTPUT_CARD_FIELDS = ("architecture", "arch_args", "scale", "input_size", "lr_face_range")
 
 
-def _system_fingerprint(spec: str, system) -> str:
+def _system_fingerprint(system) -> str:
     """What identifies a system for the cache: the card fields that shape its output and a digest of its weights."""
     if system.model is None:
         return "bicubic"
@@ -410,7 +410,7 @@ def load_named_systems(specs: list[str], compute: Compute) -> list[NamedSystem]:
         name, k = base, 2
         while name in names or name == HR_NAME:
             name, k = f"{base}#{k}", k + 1
-        loaded.append(NamedSystem(name, spec, system, f"{spec}|{_system_fingerprint(spec, system)}"))
+        loaded.append(NamedSystem(name, spec, system, f"{spec}|{_system_fingerprint(system)}"))
     return loaded
 
 
