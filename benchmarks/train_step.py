@@ -23,9 +23,10 @@ the weights). Usage:
 
 --variants times the generator's L1 training step (batch 16, Adam) side by side under each
 speed option: fp32 eager with all threads and with one, channels_last, bf16 autocast (with
-and without channels_last) and torch.compile (inductor), and prints each one's speed-up
-over fp32 eager. Whether bf16 helps depends on the CPU: with AVX-512 BF16 / AMX it
-roughly doubles the step, on an AVX2-only CPU it is several times slower.
+and without channels_last), torch.compile (inductor) in fp32 and with bf16, and prints each
+one's speed-up over fp32 eager. Whether bf16 helps depends on the CPU: with native bf16
+(AVX-512 BF16, AMX) the 8-block RRDB step runs about 1.6x faster, on an AVX2-only CPU it is
+several times slower (benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -77,7 +78,7 @@ def time_loop(step_fn, steps: int, warmup: int, device: torch.device) -> float:
 def basicsr_style_steps(args, device, vgg: VGG19Features, batches):
     """Eager fp32 ESRGAN step following BasicSR's ESRGANModel.optimize_parameters."""
     torch.manual_seed(0)
-    net_g = RRDBNet(nf=args.nf, nb=args.nb, gc=args.gc).to(device)
+    net_g = RRDBNet(nf=args.nf, nb=args.nb, gc=args.gc, upsampler=args.upsampler, bicubic_skip=args.bicubic_skip).to(device)
     net_d = VGGStyleDiscriminator(nf=64).to(device)
     vgg = copy.deepcopy(vgg).to(device)
     opt_g = torch.optim.Adam(net_g.parameters(), lr=1e-4, betas=(0.9, 0.99))
@@ -152,7 +153,9 @@ def time_variants(args, device: torch.device) -> dict[str, float]:
     variants = [("fp32 eager", False, False, False, threads), ("fp32 eager, 1 thread", False, False, False, 1),
                 ("fp32 channels_last", True, False, False, threads), ("bf16 autocast", False, True, False, threads),
                 ("bf16 autocast + channels_last", True, True, False, threads),
-                ("fp32 torch.compile", False, False, True, threads)]
+                ("fp32 torch.compile", False, False, True, threads),
+                ("bf16 autocast + torch.compile", False, True, True, threads),
+                ("bf16 autocast + channels_last + torch.compile", True, True, True, threads)]
     results: dict[str, float] = {}
     for name, channels_last, bf16, compiled, n_threads in variants:
         torch.set_num_threads(n_threads)
@@ -165,7 +168,7 @@ def time_variants(args, device: torch.device) -> dict[str, float]:
         finally:
             torch.set_num_threads(threads)
         base = results.get("fp32 eager", results[name])
-        print(f"{name:32s} {results[name]:7.3f} it/s  {results[name] / base:5.2f}x fp32 eager")
+        print(f"{name:46s} {results[name]:7.3f} it/s  {results[name] / base:5.2f}x fp32 eager")
     return results
 
 
@@ -192,7 +195,8 @@ def main() -> None:
     parser.add_argument("--json", default="", help="also write the figures to this JSON file")
     args = parser.parse_args()
 
-    compute = Compute.create(args.device, args.precision, args.batch_size, 0, args.threads or None)
+    # as fsr train resolves it: --precision auto means bf16 on a CPU with native bf16
+    compute = Compute.create(args.device, args.precision, args.batch_size, 0, args.threads or None, cpu_auto_bf16=True)
     device = compute.device
     print(f"machine: {machine_description()}")
     print(f"device: {compute.describe()}; batch {args.batch_size}; RRDB nf={args.nf} nb={args.nb} gc={args.gc}")
@@ -231,7 +235,8 @@ def main() -> None:
     def fsr_trainer(preset_overrides: list[str], with_identity: bool, perceptual: str) -> tuple[SRTrainer, callable]:
         overrides = [f"model.nf={args.nf}", f"model.nb={args.nb}", f"model.gc={args.gc}",
                      f"train.batch_size={args.batch_size}", f"compute.compile={args.compile}",
-                     f"compute.cuda_graphs={args.cuda_graphs}", *preset_overrides]
+                     f"compute.cuda_graphs={args.cuda_graphs}", f"model.upsampler={args.upsampler}",
+                     f"model.bicubic_skip={str(args.bicubic_skip).lower()}", *preset_overrides]
         cfg = build_config("ipfsrgan", overrides=overrides)
         phi = None
         if perceptual == "vgg":

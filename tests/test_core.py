@@ -7,6 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
+import fsr.core.device as device_module
 from fsr.core.batching import BatchSizer, run_batched
 from fsr.core.device import Compute, DeviceError, resolve_device, resolve_precision
 from fsr.core.io import atomic_path, read_image, to_tensor
@@ -16,13 +17,30 @@ from fsr.models.systems import load_sr_system
 from .conftest import LFW_DIR
 
 
-def test_cpu_never_runs_half_precision():
+def test_cpu_never_runs_fp16_and_runs_bf16_only_with_native_instructions(monkeypatch):
     cpu = torch.device("cpu")
     assert resolve_precision("auto", cpu) == torch.float32
-    with pytest.warns(UserWarning):
+    with pytest.warns(UserWarning, match="fp16"):
         assert resolve_precision("fp16", cpu) == torch.float32
-    with pytest.warns(UserWarning):
+    monkeypatch.setattr(device_module, "cpu_has_native_bf16", lambda: False)
+    with pytest.warns(UserWarning, match="no native bf16"):
         assert resolve_precision("bf16", cpu) == torch.float32
+    assert resolve_precision("auto", cpu, cpu_auto_bf16=True) == torch.float32
+    monkeypatch.setattr(device_module, "cpu_has_native_bf16", lambda: True)
+    assert resolve_precision("bf16", cpu) == torch.bfloat16
+    assert resolve_precision("auto", cpu) == torch.float32  # inference stays fp32 on a CPU
+    assert resolve_precision("auto", cpu, cpu_auto_bf16=True) == torch.bfloat16  # what fsr train asks
+    assert resolve_precision("fp32", cpu, cpu_auto_bf16=True) == torch.float32
+
+
+def test_native_bf16_is_read_from_the_cpu_flags(tmp_path):
+    flags = "fpu vme sse sse2 avx avx2 fma avx512f avx512bw avx512vl"
+    avx512_only, with_bf16 = tmp_path / "avx512", tmp_path / "bf16"
+    avx512_only.write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
+    with_bf16.write_text(f"processor\t: 0\nflags\t\t: {flags} avx512_bf16 avx512_vnni\n")
+    assert not device_module.cpu_has_native_bf16(str(avx512_only))  # AVX-512 alone emulates bf16
+    assert device_module.cpu_has_native_bf16(str(with_bf16))
+    assert not device_module.cpu_has_native_bf16(str(tmp_path / "missing"))
 
 
 def test_bad_device_requests_are_clear_errors():

@@ -237,6 +237,28 @@ def test_short_run_never_exports_a_model_below_bicubic(prepared, tmp_path):
     assert mse(system.upscale(faces.lr)) <= mse(bicubic_up(faces.lr, 4))
 
 
+def test_validation_on_the_cpu_is_fp32_whatever_the_training_precision(prepared):
+    """A bf16 training run on a CPU validates (and so picks its best checkpoint) in fp32: the same
+    figures as an fp32 run's, and what `fsr upscale` computes there."""
+    from fsr.core.device import Compute
+    from fsr.data.dataset import FaceBatcher, load_face_arrays, split_train_val
+    from fsr.models.systems import load_sr_system
+    from fsr.train.loop import evaluate_generator
+
+    arrays = load_face_arrays(prepared, with_lr=True)
+    _, val_idx = split_train_val(arrays)
+    faces = FaceBatcher(arrays, val_idx, torch.device("cpu"), lr_source="disk", flip=False).all_faces()
+    fp32 = Compute.create("cpu", "fp32")
+    bf16 = Compute(device=torch.device("cpu"), dtype=torch.bfloat16)
+    system = load_sr_system("fsr_fast", fp32)
+    metrics_fp32, sr_fp32 = evaluate_generator(system.model, faces, fp32, None)
+    metrics_bf16, sr_bf16 = evaluate_generator(system.model, faces, bf16, None)
+    assert torch.equal(sr_fp32, sr_bf16) and metrics_fp32 == metrics_bf16
+    assert torch.allclose(sr_fp32, system.upscale(faces.lr).clamp(0, 1), atol=1e-5)
+    with bf16.autocast():  # the bf16 pass the old validation made differs
+        assert not torch.equal(system.model(faces.lr).float().clamp(0, 1), sr_fp32)
+
+
 def test_deepened_generator_starts_as_the_shipped_one_and_trains_its_new_blocks(prepared, tmp_path):
     """model.init_weights with fewer RRDB blocks than model.nb: the deeper generator computes what
     the shipped one computes on real faces, and training reaches the new blocks."""

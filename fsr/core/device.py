@@ -2,14 +2,18 @@
 
 One place decides where tensors live and in which dtype the heavy work runs:
 ``--device auto|cpu|cuda[:N]|mps`` and ``--precision auto|fp32|bf16|fp16``.
-Half precision is never used on a CPU (it is slow there and breaks some ops),
-whatever the user asks for: the request falls back to fp32 with a warning.
+fp16 is never used on a CPU (it is slow there and breaks some ops): the request falls back to
+fp32 with a warning. bf16 on a CPU is used only where the CPU has native bf16 instructions
+(x86 AVX-512 BF16 or AMX, Arm BF16), which make a convolution step about 1.6x faster than fp32;
+elsewhere it would be several times slower, and the request falls back to fp32 with a warning.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
+import platform
 import warnings
 from dataclasses import dataclass
 
@@ -54,18 +58,47 @@ def resolve_device(spec: str = "auto") -> torch.device:
     return device
 
 
-def resolve_precision(spec: str, device: torch.device) -> torch.dtype:
+#: /proc/cpuinfo flags of native bf16 arithmetic: x86 AVX-512 BF16 and AMX, Arm's BF16 extension.
+NATIVE_BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")
+
+
+@functools.lru_cache(maxsize=4)
+def cpu_has_native_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """Whether this CPU computes in bf16 natively (read from ``cpuinfo``; False where unknown).
+
+    Without such instructions oneDNN emulates bf16 and an autocast step is 5-20x slower than fp32.
+    """
+    try:
+        with open(cpuinfo, encoding="utf-8", errors="replace") as handle:
+            for line in handle:
+                key, _, value = line.partition(":")
+                if key.strip() in ("flags", "Features"):
+                    return any(flag in value.split() for flag in NATIVE_BF16_CPU_FLAGS)
+    except OSError:
+        pass
+    return False
+
+
+def resolve_precision(spec: str, device: torch.device, cpu_auto_bf16: bool = False) -> torch.dtype:
     """Pick the compute dtype for ``device``.
 
-    ``auto``: bf16 on CUDA GPUs that support it, fp16 on older CUDA GPUs and on MPS,
-    fp32 on the CPU. ``bf16``/``fp16`` on a CPU fall back to fp32 with a warning.
+    ``auto``: bf16 on CUDA GPUs that support it, fp16 on older CUDA GPUs and on MPS, fp32 on the
+    CPU (bf16 where ``cpu_auto_bf16`` and the CPU has native bf16: what ``fsr train`` asks for).
+    ``bf16`` on a CPU without native bf16 and ``fp16`` on any CPU fall back to fp32 with a warning.
     """
     spec = (spec or "auto").strip().lower()
     if spec not in PRECISION_CHOICES:
         raise DeviceError(f"unknown precision '{spec}' (expected {'|'.join(PRECISION_CHOICES)})")
     if device.type == "cpu":
-        if spec in ("bf16", "fp16"):
-            warnings.warn(f"precision {spec} is not used on the CPU; running in fp32", stacklevel=2)
+        if spec == "auto" and cpu_auto_bf16 and cpu_has_native_bf16():
+            return torch.bfloat16
+        if spec == "bf16":
+            if cpu_has_native_bf16():
+                return torch.bfloat16
+            warnings.warn("precision bf16: this CPU has no native bf16 instructions (AVX-512 BF16, AMX), "
+                          "where bf16 runs several times slower than fp32; running in fp32", stacklevel=2)
+        elif spec == "fp16":
+            warnings.warn("precision fp16 is not used on the CPU; running in fp32", stacklevel=2)
         return torch.float32
     if spec == "fp32":
         return torch.float32
@@ -125,9 +158,11 @@ class Compute:
         batch_size: int = 64,
         seed: int = 0,
         threads: int | None = None,
+        cpu_auto_bf16: bool = False,
     ) -> "Compute":
+        """``cpu_auto_bf16``: ``precision="auto"`` on a CPU with native bf16 means bf16 (training)."""
         dev = resolve_device(device)
-        dtype = resolve_precision(precision, dev)
+        dtype = resolve_precision(precision, dev, cpu_auto_bf16)
         set_threads(threads)
         if dev.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
@@ -164,10 +199,8 @@ def precision_name(dtype: torch.dtype) -> str:
 
 def machine_description() -> str:
     """One line naming this machine's compute (for benchmark output)."""
-    import platform
-
     parts = [platform.platform(), f"python {platform.python_version()}", f"torch {torch.__version__}"]
-    parts.append(f"cpu cores {os.cpu_count()}")
+    parts.append(f"cpu cores {os.cpu_count()}" + (" (native bf16)" if cpu_has_native_bf16() else ""))
     if torch.cuda.is_available():
         parts.append(f"gpu {torch.cuda.get_device_name(0)} x{torch.cuda.device_count()}")
     else:

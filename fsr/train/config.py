@@ -159,9 +159,9 @@ class ComputeConfig:
     """Device, precision and speed switches."""
 
     device: str = "auto"
-    precision: str = "auto"          # auto = bf16 on GPUs, fp32 on CPU
+    precision: str = "auto"          # auto = bf16 on GPUs and on CPUs with native bf16, else fp32
     threads: int = 0
-    channels_last: bool = True       # GPU only
+    channels_last: bool = True       # GPU, and bf16 on a CPU
     fused_adam: bool = True          # GPU only
     compile: bool = False            # torch.compile G and D
     cuda_graphs: bool = False        # compile mode reduce-overhead (CUDA graphs); implies compile

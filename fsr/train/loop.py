@@ -10,6 +10,7 @@ Under ``torchrun`` every process runs this function (DDP); rank 0 does all file 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -130,8 +131,11 @@ def evaluate_generator(generator: torch.nn.Module | None, batch: FaceBatch, comp
                        identity: IdentityFeatures | None, chunk: int = 32) -> tuple[dict, torch.Tensor]:
     """PSNR (dB), SSIM, mean SR-HR identity cosine (normalised/centred embeddings) and mean
     Euclidean distance of the raw embeddings (dlib's own measure) of ``generator`` on ``batch``
-    (``None``: bicubic upsampling). Returns (metrics, SR images (N,3,128,128) [0,1])."""
+    (``None``: bicubic upsampling). Returns (metrics, SR images (N,3,128,128) [0,1]).
+    On the CPU it runs in fp32 whatever the training precision, as ``fsr upscale`` does there."""
     import piq
+
+    precision = compute.autocast if compute.device.type != "cpu" else contextlib.nullcontext
 
     outs = []
     was_training = generator.training if generator is not None else False
@@ -142,7 +146,7 @@ def evaluate_generator(generator: torch.nn.Module | None, batch: FaceBatch, comp
         if generator is None:
             sr = bicubic_up(lr, 4)
         else:
-            with compute.autocast():
+            with precision():
                 sr = generator(lr)
         outs.append(sr.float().clamp(0, 1))
     if generator is not None and was_training:
@@ -157,7 +161,7 @@ def evaluate_generator(generator: torch.nn.Module | None, batch: FaceBatch, comp
         cos, dist = [], []
         for start in range(0, sr.shape[0], chunk):
             sl = slice(start, start + chunk)
-            with compute.autocast():
+            with precision():
                 raw_a = identity.raw(sr[sl], batch.landmarks[sl])
                 raw_b = identity.raw(hr[sl], batch.landmarks[sl])
             a, b = identity.model.normalize(raw_a), identity.model.normalize(raw_b)
@@ -224,7 +228,7 @@ def run_training(data: str | Path | list, run_dir: str | Path, config: Config, *
     cfg = config.validate()
     configure_determinism(cfg)
     compute = Compute.create(cfg.compute.device, cfg.compute.precision, cfg.train.batch_size,
-                             cfg.train.seed, cfg.compute.threads or None)
+                             cfg.train.seed, cfg.compute.threads or None, cpu_auto_bf16=True)
     dist = init_distributed(compute.device)
     compute.device = local_device(compute.device, dist)
     if cfg.compute.deterministic and compute.device.type == "cuda":

@@ -56,7 +56,10 @@ class SRTrainer:
         self.weights = config.loss.resolved_weights()
         self.losses = losses
         self.on_gpu = self.device.type == "cuda"
-        self.channels_last = self.on_gpu and config.compute.channels_last
+        # channels_last pays on GPUs and for bf16 on a CPU (1.65x fp32 eager vs 1.58x for the 8-block
+        # RRDB step, benchmarks/train_step.py --variants); fp32 on a CPU stays contiguous.
+        cpu_bf16 = self.device.type == "cpu" and compute.dtype == torch.bfloat16
+        self.channels_last = config.compute.channels_last and (self.on_gpu or cpu_bf16)
         fmt = torch.channels_last if self.channels_last else torch.contiguous_format
 
         torch.manual_seed(config.train.seed)  # identical initial weights on every rank
