@@ -95,6 +95,32 @@ def test_alpha_degradation_moves_identity_away_from_hr(prepared, compute):
     assert drift[1.0] < 0.6  # bicubic from 32 px keeps dlib's identity on average
 
 
+def test_bf16_sweep_embeds_like_fp32_and_caches_apart(prepared, compute):
+    """--precision bf16 (the CPU speed option on CPUs with native bf16): the default model's SR
+    faces and their dlib embeddings stay within a small fraction of dlib's 0.6 same-person
+    threshold of the fp32 ones, and the bf16 run never reuses fp32 cached embeddings."""
+    from fsr.data.manifest import read_manifest
+    from fsr.evaluate.identity import FaceEmbedder, load_face_model
+    from fsr.evaluate.sweep import sweep_fingerprint
+    from fsr.models.systems import load_sr_system
+
+    key_to_record, _ = match_records(prepared.keys, read_manifest(prepared.dst))
+    faces = load_face_set(prepared.dst, key_to_record, show_progress=False)
+    bf16 = Compute.create("cpu", "bf16", batch_size=32)
+    emb = {}
+    for name, c in (("fp32", compute), ("bf16", bf16)):
+        embedder = FaceEmbedder(load_face_model("dlib", None, c), c)
+        emb[name] = embed_system(faces, load_sr_system("default", c), 1.0, embedder, 8)
+        if name == "fp32":
+            fp32_key = sweep_fingerprint(prepared.dst, faces, "dlib", embedder)
+            between_faces = torch.cdist(emb[name], emb[name])[~torch.eye(len(faces.keys), dtype=torch.bool)]
+        else:
+            assert sweep_fingerprint(prepared.dst, faces, "dlib", embedder) != fp32_key
+    drift = (emb["bf16"] - emb["fp32"]).norm(dim=1)
+    assert drift.max() < 0.05, drift  # dlib: same person below 0.6
+    assert drift.max() < 0.2 * between_faces.min()
+
+
 def _tiny_sr_export(folder):
     """A small untrained RRDB x4 export (fsr's .safetensors + .json card): exercises the model path."""
     from fsr.models.rrdb import RRDBNet

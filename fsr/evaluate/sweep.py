@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from fsr.core.batching import make_progress
-from fsr.core.device import Compute, machine_description, synchronize
+from fsr.core.device import Compute, machine_description, precision_name, synchronize
 from fsr.core.io import atomic_path, atomic_write_text, read_image, write_json
 from fsr.data.degrade import alpha_degrade
 from fsr.data.manifest import read_manifest
@@ -423,10 +423,13 @@ def choose_score(score: str | None, embedder: IdentityEmbedder, face_model: str)
 
 
 def sweep_fingerprint(prepared_dir: Path, faces: FaceSet, face_model: str, embedder: IdentityEmbedder) -> str:
-    """What makes cached embeddings reusable: face keys, the manifest file and the face model's weights."""
+    """What makes cached embeddings reusable: face keys, the manifest file, the face model's
+    weights and the precision the SR and face networks run in (bf16 embeddings differ from fp32's)."""
     manifest = prepared_dir / "manifest.csv"
     stat = manifest.stat()
     identity = [faces.keys, str(manifest.resolve()), stat.st_size, stat.st_mtime, face_model, _model_fingerprint(embedder.model)]
+    if embedder.compute is not None and embedder.compute.dtype != torch.float32:
+        identity.append(precision_name(embedder.compute.dtype))  # fp32 keys stay as they were
     return hashlib.sha256(json.dumps(identity).encode()).hexdigest()
 
 
