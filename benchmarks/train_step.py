@@ -27,6 +27,13 @@ and without channels_last), torch.compile (inductor) in fp32 and with bf16, and 
 one's speed-up over fp32 eager. Whether bf16 helps depends on the CPU: with native bf16
 (AVX-512 BF16, AMX) the 8-block RRDB step runs about 1.6x faster, on an AVX2-only CPU it is
 several times slower (benchmarks/RESULTS.md).
+
+--recipe CONFIG (repeatable) times the step of a training recipe as `fsr train --config
+CONFIG` runs it (its generator, losses, identity and perceptual networks, batch size; random
+faces) once in fp32 eager and once with bf16 autocast + channels_last, the speed options fsr
+train picks on a CPU with native bf16:
+  python benchmarks/train_step.py --device cpu --skip-baseline --skip-fsr \
+      --recipe configs/identity_deep_cpu.toml --recipe configs/ipfsrgan_deep_cpu.toml
 """
 
 from __future__ import annotations
@@ -172,6 +179,43 @@ def time_variants(args, device: torch.device) -> dict[str, float]:
     return results
 
 
+def recipe_step(config_file: str, precision: str, threads: int | None):
+    """The training step of the recipe in ``config_file`` under one precision (fp32 eager, or
+    bf16 autocast with channels_last as fsr train runs it); random faces, weights as configured."""
+    from fsr.train.loop import build_loss_networks
+
+    overrides = [f"compute.precision={precision}", "compute.compile=false"]
+    cfg = build_config(config_file=config_file, overrides=overrides).validate()
+    compute = Compute.create("cpu", precision, cfg.train.batch_size, 0, threads, cpu_auto_bf16=True)
+    trainer = SRTrainer(cfg, compute, build_loss_networks(cfg, compute, for_validation=False))
+    arrays = random_faces(256, 64)
+    batcher = FaceBatcher(arrays, np.arange(len(arrays)), compute.device, flip=True, on_device=True,
+                          channels_last=trainer.channels_last)
+    sampler = IdentityBatchSampler(batcher.identity_np, cfg.train.batch_size, cfg.train.faces_per_identity)
+
+    def step(i):
+        trainer.train_step(batcher.make(*sampler.batch(i)), i + cfg.optim.warmup_l1_steps)
+
+    return step, cfg
+
+
+def time_recipes(args) -> dict[str, float]:
+    """it/s of each --recipe step in fp32 eager and bf16 + channels_last, with the speed-up."""
+    results: dict[str, float] = {}
+    for config_file in args.recipe:
+        base = None
+        for precision, label in (("fp32", "fp32 eager"), ("bf16", "bf16 autocast + channels_last")):
+            step, cfg = recipe_step(config_file, precision, args.threads or None)
+            speed = time_loop(step, args.steps, args.warmup, torch.device("cpu"))
+            results[f"recipe {config_file} {label}"] = speed
+            base = base or speed
+            m = cfg.model
+            print(f"{config_file} (RRDB nf={m.nf} nb={m.nb}, gan={cfg.loss.gan}, identity={cfg.loss.identity}, "
+                  f"perceptual={cfg.loss.perceptual_net}, batch {cfg.train.batch_size}) {label:30s} "
+                  f"{speed:6.3f} it/s  {speed / base:5.2f}x fp32 eager", flush=True)
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_compute_arguments(parser, batch_size=16, batch_help="faces per training batch")
@@ -189,6 +233,8 @@ def main() -> None:
     parser.add_argument("--bicubic-skip", action="store_true", help="RRDB learns the residual over bicubic")
     parser.add_argument("--perceptual", default="vgg", choices=("vgg", "identity"),
                         help="φ of Eq. 6 in the fsr full step (identity: also timed with two identity passes)")
+    parser.add_argument("--recipe", action="append", default=[], metavar="CONFIG",
+                        help="time this training config's step in fp32 eager and in bf16 + channels_last (repeatable)")
     parser.add_argument("--variants", action="store_true", help="time the L1 step under each CPU speed option")
     parser.add_argument("--skip-fsr", action="store_true", help="skip the fsr full and L1 trainer steps")
     parser.add_argument("--skip-baseline", action="store_true")
@@ -215,6 +261,8 @@ def main() -> None:
         print(f"L1 step of RRDB nf={args.nf} nb={args.nb} gc={args.gc} upsampler={args.upsampler} "
               f"bicubic_skip={args.bicubic_skip}, batch {args.batch_size}, {torch.get_num_threads()} threads:")
         results.update({f"variant {k}": v for k, v in time_variants(args, device).items()})
+    if args.recipe:
+        results.update(time_recipes(args))
 
     if not args.skip_baseline:
         plain = FaceBatcher(arrays, np.arange(len(arrays)), device, flip=False, on_device=True)
