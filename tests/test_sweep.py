@@ -95,10 +95,14 @@ def test_alpha_degradation_moves_identity_away_from_hr(prepared, compute):
     assert drift[1.0] < 0.6  # bicubic from 32 px keeps dlib's identity on average
 
 
-def test_bf16_sweep_embeds_like_fp32_and_caches_apart(prepared, compute):
+def test_bf16_sweep_embeds_like_fp32_and_caches_apart(prepared, compute, monkeypatch):
     """--precision bf16 (the CPU speed option on CPUs with native bf16): the default model's SR
     faces and their dlib embeddings stay within a small fraction of dlib's 0.6 same-person
-    threshold of the fp32 ones, and the bf16 run never reuses fp32 cached embeddings."""
+    threshold of the fp32 ones, and the bf16 run never reuses fp32 cached embeddings. (bf16 is
+    forced on CPUs without native bf16 too, where it is only slower.)"""
+    import fsr.core.device
+
+    monkeypatch.setattr(fsr.core.device, "cpu_has_native_bf16", lambda: True)
     from fsr.data.manifest import read_manifest
     from fsr.evaluate.identity import FaceEmbedder, load_face_model
     from fsr.evaluate.sweep import sweep_fingerprint
@@ -107,6 +111,7 @@ def test_bf16_sweep_embeds_like_fp32_and_caches_apart(prepared, compute):
     key_to_record, _ = match_records(prepared.keys, read_manifest(prepared.dst))
     faces = load_face_set(prepared.dst, key_to_record, show_progress=False)
     bf16 = Compute.create("cpu", "bf16", batch_size=32)
+    assert bf16.dtype == torch.bfloat16
     emb = {}
     for name, c in (("fp32", compute), ("bf16", bf16)):
         embedder = FaceEmbedder(load_face_model("dlib", None, c), c)
