@@ -179,7 +179,20 @@ def time_variants(args, device: torch.device) -> dict[str, float]:
     return results
 
 
-def recipe_step(config_file: str, precision: str, threads: int | None):
+def trainer_step_fn(trainer: SRTrainer, arrays: FaceArrays, cfg):
+    """``step(i)``: one ``trainer.train_step`` on the i-th identity batch of ``arrays`` (on the
+    trainer's device, flipped, channels_last as the trainer wants; past any L1 warm-up)."""
+    batcher = FaceBatcher(arrays, np.arange(len(arrays)), trainer.device, flip=True, on_device=True,
+                          channels_last=trainer.channels_last)
+    sampler = IdentityBatchSampler(batcher.identity_np, cfg.train.batch_size, cfg.train.faces_per_identity)
+
+    def step(i):
+        trainer.train_step(batcher.make(*sampler.batch(i)), i + cfg.optim.warmup_l1_steps)
+
+    return step
+
+
+def recipe_step(config_file: str, precision: str, threads: int | None, arrays: FaceArrays):
     """The training step of the recipe in ``config_file`` under one precision (fp32 eager, or
     bf16 autocast with channels_last as fsr train runs it); random faces, weights as configured."""
     from fsr.train.loop import build_loss_networks
@@ -188,24 +201,16 @@ def recipe_step(config_file: str, precision: str, threads: int | None):
     cfg = build_config(config_file=config_file, overrides=overrides).validate()
     compute = Compute.create("cpu", precision, cfg.train.batch_size, 0, threads, cpu_auto_bf16=True)
     trainer = SRTrainer(cfg, compute, build_loss_networks(cfg, compute, for_validation=False))
-    arrays = random_faces(256, 64)
-    batcher = FaceBatcher(arrays, np.arange(len(arrays)), compute.device, flip=True, on_device=True,
-                          channels_last=trainer.channels_last)
-    sampler = IdentityBatchSampler(batcher.identity_np, cfg.train.batch_size, cfg.train.faces_per_identity)
-
-    def step(i):
-        trainer.train_step(batcher.make(*sampler.batch(i)), i + cfg.optim.warmup_l1_steps)
-
-    return step, cfg
+    return trainer_step_fn(trainer, arrays, cfg), cfg
 
 
-def time_recipes(args) -> dict[str, float]:
+def time_recipes(args, arrays: FaceArrays) -> dict[str, float]:
     """it/s of each --recipe step in fp32 eager and bf16 + channels_last, with the speed-up."""
     results: dict[str, float] = {}
     for config_file in args.recipe:
         base = None
         for precision, label in (("fp32", "fp32 eager"), ("bf16", "bf16 autocast + channels_last")):
-            step, cfg = recipe_step(config_file, precision, args.threads or None)
+            step, cfg = recipe_step(config_file, precision, args.threads or None, arrays)
             speed = time_loop(step, args.steps, args.warmup, torch.device("cpu"))
             results[f"recipe {config_file} {label}"] = speed
             base = base or speed
@@ -262,7 +267,7 @@ def main() -> None:
               f"bicubic_skip={args.bicubic_skip}, batch {args.batch_size}, {torch.get_num_threads()} threads:")
         results.update({f"variant {k}": v for k, v in time_variants(args, device).items()})
     if args.recipe:
-        results.update(time_recipes(args))
+        results.update(time_recipes(args, arrays))
 
     if not args.skip_baseline:
         plain = FaceBatcher(arrays, np.arange(len(arrays)), device, flip=False, on_device=True)
@@ -293,14 +298,7 @@ def main() -> None:
             phi = PerceptualFeatures("identity", identity)
         losses = LossNetworks(identity=identity if with_identity else None, perceptual=phi)
         trainer = SRTrainer(cfg, compute, losses)
-        batcher = FaceBatcher(arrays, np.arange(len(arrays)), device, flip=True, on_device=True,
-                              channels_last=trainer.channels_last)
-        sampler = IdentityBatchSampler(batcher.identity_np, args.batch_size)
-
-        def step(i):
-            trainer.train_step(batcher.make(*sampler.batch(i)), i)
-
-        return trainer, step
+        return trainer, trainer_step_fn(trainer, arrays, cfg)
 
     if args.skip_fsr:
         _write_json(args, compute, results)
