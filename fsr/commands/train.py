@@ -46,7 +46,7 @@ def train_command(
     export: str = typer.Option(None, "--export", help="Export the best validated G as NAME (run-dir/export/NAME.*) or PATH.safetensors."),
     force: bool = typer.Option(False, "--force", help="Export even a model below bicubic on validation."),
     device: str = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N (under torchrun: each process its LOCAL_RANK GPU)."),
-    precision: str = typer.Option(None, "--precision", help="auto | fp32 | bf16 | fp16 (auto: bf16 on GPUs, fp32 on CPU)."),
+    precision: str = typer.Option(None, "--precision", help="auto | fp32 | bf16 | fp16 (auto: bf16 on GPUs and on CPUs with native bf16, else fp32)."),
     threads: int = typer.Option(None, "--threads", min=0, help="CPU threads for torch (0 = all cores)."),
     seed: int = typer.Option(None, "--seed", help="Random seed (weights init, batches, flips)."),
     compile_models: bool = typer.Option(None, "--compile/--no-compile", help="torch.compile the generator and discriminator."),
