@@ -195,8 +195,8 @@ def test_default_keeps_identity_better_than_the_models_it_replaced_on_held_out_f
 
 def test_deep_model_is_the_celeba_model_grown_and_records_its_held_out_figures():
     card = json.loads((SHIPPED_WEIGHTS_DIR / "fsr_deep.json").read_text())
-    # grown from fsr_celeba's 2 blocks to 8, and from 8 to 12 since 2026-12-06
-    assert card["arch_args"]["nb"] in (8, 12) and card["arch_args"]["nf"] == 32
+    # fsr_celeba's 2 blocks grown to 8, and those to 12 (since 2026-12-06)
+    assert card["arch_args"]["nb"] == 12 and card["arch_args"]["nf"] == 32
     assert card["sha256"] == shipped_checksums()["fsr_deep.safetensors"]
     # grown from fsr_celeba, or trained further from an earlier fsr_deep file that it replaces
     init = card["config"]["model"]["init_weights"]
