@@ -39,7 +39,10 @@ REPO = Path(__file__).resolve().parents[1]
 def time_system(system: SRSystem, faces: int, repeats: int) -> float:
     """Faces/s of ``system.upscale`` on ``faces`` random LR faces held on the host."""
     lr = torch.rand(faces, 3, 32, 32)
-    system.upscale(lr[: max(1, system.compute.batch_size)])  # warm-up (cudnn autotune, allocator)
+    # warm-up on the whole timed set: cudnn autotune and the allocator on a GPU; on a CPU the first
+    # model of a process runs its first full pass 25-35% slower (oneDNN primitive creation), which
+    # one batch did not absorb
+    system.upscale(lr)
     best = float("inf")
     for _ in range(repeats):
         t0 = time.perf_counter()

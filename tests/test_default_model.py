@@ -47,8 +47,16 @@ def test_default_model_is_the_identity_fine_tune_of_the_deep_model_and_records_i
     assert card["architecture"] == "rrdb" and card["scale"] == 4 and card["input_size"] == 32
     assert card["sha256"] == sha256_file(weights) and "command" in card and "training_data" in card
     config = card["config"]
-    assert config["model"]["init_weights"] == "weights/fsr_deep.safetensors" and card["arch_args"]["nb"] == 8
+    # the 12-block fsr_deep fine-tuned (since 2026-12-06), from the file its card names
+    assert config["model"]["init_weights"] == "weights/fsr_deep.safetensors" and card["arch_args"]["nb"] == 12
+    assert card["init_weights_sha256"] == json.loads((SHIPPED_WEIGHTS_DIR / "fsr_deep.json").read_text())["sha256"]
     assert config["loss"]["identity"] > 0 and config["loss"]["gan"] == "none"
+    # it replaced the previous default only by doing better on every held-out set
+    previous = card["replaces"]
+    assert previous["sha256"] != card["sha256"]
+    for name, gain in previous["heldout_psnr_gain"].items():
+        model = card["heldout"]["sets"][name]["model"]
+        assert model["psnr_gain"] > gain and model["id_distance_change"] < previous["heldout_id_distance_change"][name], name
     others = {name: json.loads((SHIPPED_WEIGHTS_DIR / f"{name}.json").read_text())["heldout"]["sets"]
               for name in ("fsr_fast", "fsr_deep", "fsr_ipfsrgan")}
     for name, figures in card["heldout"]["sets"].items():
@@ -62,6 +70,9 @@ def test_default_model_is_the_identity_fine_tune_of_the_deep_model_and_records_i
     assert sweep["pairs"] == 6000 and sweep["command"].count("--system") == 2 and "--limit" not in sweep["command"]
     above = [a for a in sweep["accuracy"]["bicubic"] if float(a) >= 0.3]
     assert len(above) == 8 and all(sweep["accuracy"]["fsr_default"][a] >= sweep["accuracy"]["bicubic"][a] for a in above)
+    average = sum(sweep["accuracy"]["fsr_default"][a] for a in above) / len(above)
+    assert abs(average - sweep["average_over_alpha_0.3_to_1"]["fsr_default"]) < 1e-4
+    assert average > previous["lfw_verification_average_over_alpha_0.3_to_1"]
 
 
 def test_fast_model_is_the_recorded_interpolation_of_the_two_shipped_models(tmp_path):
