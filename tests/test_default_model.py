@@ -37,6 +37,24 @@ def _psnr(sr: torch.Tensor, hr: torch.Tensor) -> np.ndarray:
     return pixel_metrics(sr, hr)["psnr_rgb"]
 
 
+def _shipped_card(name: str) -> dict:
+    """The JSON model card beside weights/NAME.safetensors."""
+    return json.loads((SHIPPED_WEIGHTS_DIR / f"{name}.json").read_text())
+
+
+def _assert_beats_the_file_it_replaces(card: dict, *, identity: bool) -> None:
+    """A shipped file replaced an earlier one only by doing better on every held-out set: a
+    higher ``psnr_gain`` and, with ``identity``, a lower ``id_distance_change`` than the figures
+    of the replaced file recorded in the card's ``replaces``."""
+    previous = card["replaces"]
+    assert previous["sha256"] != card["sha256"]
+    for name, gain in previous["heldout_psnr_gain"].items():
+        model = card["heldout"]["sets"][name]["model"]
+        assert model["psnr_gain"] > gain, name
+        if identity:
+            assert model["id_distance_change"] < previous["heldout_id_distance_change"][name], name
+
+
 def test_default_model_is_the_identity_fine_tune_of_the_deep_model_and_records_its_figures():
     """weights/fsr_default: checksummed, and its card says what it is (fsr_deep fine-tuned with
     the identity loss, Eq. 5) and holds its held-out figures: above bicubic with a lower dlib
@@ -49,16 +67,11 @@ def test_default_model_is_the_identity_fine_tune_of_the_deep_model_and_records_i
     config = card["config"]
     # the 12-block fsr_deep fine-tuned (since 2026-12-06), from the file its card names
     assert config["model"]["init_weights"] == "weights/fsr_deep.safetensors" and card["arch_args"]["nb"] == 12
-    assert card["init_weights_sha256"] == json.loads((SHIPPED_WEIGHTS_DIR / "fsr_deep.json").read_text())["sha256"]
+    other_cards = {name: _shipped_card(name) for name in ("fsr_fast", "fsr_deep", "fsr_ipfsrgan")}
+    assert card["init_weights_sha256"] == other_cards["fsr_deep"]["sha256"]
     assert config["loss"]["identity"] > 0 and config["loss"]["gan"] == "none"
-    # it replaced the previous default only by doing better on every held-out set
-    previous = card["replaces"]
-    assert previous["sha256"] != card["sha256"]
-    for name, gain in previous["heldout_psnr_gain"].items():
-        model = card["heldout"]["sets"][name]["model"]
-        assert model["psnr_gain"] > gain and model["id_distance_change"] < previous["heldout_id_distance_change"][name], name
-    others = {name: json.loads((SHIPPED_WEIGHTS_DIR / f"{name}.json").read_text())["heldout"]["sets"]
-              for name in ("fsr_fast", "fsr_deep", "fsr_ipfsrgan")}
+    _assert_beats_the_file_it_replaces(card, identity=True)
+    others = {name: other["heldout"]["sets"] for name, other in other_cards.items()}
     for name, figures in card["heldout"]["sets"].items():
         model = figures["model"]
         assert model["n"] >= 800 and model["psnr_gain"] > 2.0 and model["ssim_gain"] >= 0.06, (name, model)
@@ -72,7 +85,7 @@ def test_default_model_is_the_identity_fine_tune_of_the_deep_model_and_records_i
     assert len(above) == 8 and all(sweep["accuracy"]["fsr_default"][a] >= sweep["accuracy"]["bicubic"][a] for a in above)
     average = sum(sweep["accuracy"]["fsr_default"][a] for a in above) / len(above)
     assert abs(average - sweep["average_over_alpha_0.3_to_1"]["fsr_default"]) < 1e-4
-    assert average > previous["lfw_verification_average_over_alpha_0.3_to_1"]
+    assert average > card["replaces"]["lfw_verification_average_over_alpha_0.3_to_1"]
 
 
 def test_fast_model_is_the_recorded_interpolation_of_the_two_shipped_models(tmp_path):
@@ -87,7 +100,7 @@ def test_fast_model_is_the_recorded_interpolation_of_the_two_shipped_models(tmp_
         assert shipped_checksums()[path.name] == sha256_file(path)
         card = json.loads(path.with_suffix(".json").read_text())
         assert card["lfw_pairs_evaluation"]["pixels_7700_faces"][name]["psnr_rgb"] > 29
-    card = json.loads((SHIPPED_WEIGHTS_DIR / "fsr_fast.json").read_text())
+    card = _shipped_card("fsr_fast")
     recipe = card["interpolation"]
     assert recipe["weight"] == 0.5 and recipe["A"]["file"] == "fsr_l1.safetensors" and recipe["B"]["file"] == "fsr_identity.safetensors"
     assert recipe["A"]["sha256"] == shipped_checksums()["fsr_l1.safetensors"]
@@ -205,7 +218,7 @@ def test_default_keeps_identity_better_than_the_models_it_replaced_on_held_out_f
 
 
 def test_deep_model_is_the_celeba_model_grown_and_records_its_held_out_figures():
-    card = json.loads((SHIPPED_WEIGHTS_DIR / "fsr_deep.json").read_text())
+    card = _shipped_card("fsr_deep")
     # fsr_celeba's 2 blocks grown to 8, and those to 12 (since 2026-12-06)
     assert card["arch_args"]["nb"] == 12 and card["arch_args"]["nf"] == 32
     assert card["sha256"] == shipped_checksums()["fsr_deep.safetensors"]
@@ -213,10 +226,8 @@ def test_deep_model_is_the_celeba_model_grown_and_records_its_held_out_figures()
     init = card["config"]["model"]["init_weights"]
     assert init in ("weights/fsr_celeba.safetensors", "weights/fsr_deep.safetensors"), init
     if init.endswith("fsr_deep.safetensors"):
-        assert card["init_weights_sha256"] == card["replaces"]["sha256"] != card["sha256"]
-        previous = card["replaces"]["heldout_psnr_gain"]
-        for name, gain in previous.items():  # it replaced an earlier file only by doing better
-            assert card["heldout"]["sets"][name]["model"]["psnr_gain"] > gain, name
+        assert card["init_weights_sha256"] == card["replaces"]["sha256"]
+        _assert_beats_the_file_it_replaces(card, identity=False)
     sets = card["heldout"]["sets"]
     for name in ("celeba_m0.1", "celeba_m0.25", "celeba_m0.4", "lfw_fold1"):
         assert sets[name]["model"]["n"] >= 800 and sets[name]["model"]["psnr_gain"] > 2.0
@@ -226,7 +237,7 @@ def test_deep_model_is_the_celeba_model_grown_and_records_its_held_out_figures()
 
 def test_ipfsrgan_model_is_the_gan_fine_tune_of_the_deep_model():
     """fsr_ipfsrgan: fsr_deep fine-tuned with the paper's loss (RaGAN + identity + perceptual + L1)."""
-    card = json.loads((SHIPPED_WEIGHTS_DIR / "fsr_ipfsrgan.json").read_text())
+    card = _shipped_card("fsr_ipfsrgan")
     config = card["config"]
     assert card["sha256"] == shipped_checksums()["fsr_ipfsrgan.safetensors"]
     assert config["model"]["init_weights"] == "weights/fsr_deep.safetensors" and card["arch_args"]["nb"] == 8
