@@ -174,10 +174,22 @@ def test_verify_sweep_cli_writes_outputs_and_resumes(prepared):
     card_path.write_text(json.dumps({**card, "heldout": {"psnr_gain_db": 1.0}}))  # a new measurement only
     assert CliRunner().invoke(app, args).exit_code == 0
     assert sorted(p.name for p in (out / "cache").glob("*.npy")) == cached
+    # the same weights under another name (a copy, as `default` and `fsr_default` are one file)
+    # reuse the cache; the mirror ensemble of them does not
+    renamed = prepared.root / "renamed"
+    renamed.mkdir()
+    for path in (tiny, tiny.with_suffix(".json")):
+        shutil.copy(path, renamed / path.name.replace("tiny", "same_weights"))
+    again = CliRunner().invoke(app, [a.replace(str(tiny), str(renamed / "same_weights.safetensors")) for a in args])
+    assert again.exit_code == 0, again.output
+    assert sorted(p.name for p in (out / "cache").glob("*.npy")) == cached
+    assert json.loads((out / "sweep.json").read_text())["systems"]["same_weights"] == summary["systems"]["tiny"]
+    assert CliRunner().invoke(app, [a.replace(str(tiny), f"{tiny}+") for a in args]).exit_code == 0
+    assert len(list((out / "cache").glob("*.npy"))) == len(cached) + 2
     state = load_safetensors(tiny)
     save_safetensors({k: v * 0.5 if v.is_floating_point() else v for k, v in state.items()}, tiny)
     assert CliRunner().invoke(app, args).exit_code == 0
-    assert len(list((out / "cache").glob("*.npy"))) == len(cached) + 2  # new weights: both alphas again
+    assert len(list((out / "cache").glob("*.npy"))) == len(cached) + 4  # new weights: both alphas again
 
 
 def test_select_pairs_and_match_records():

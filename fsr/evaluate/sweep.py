@@ -181,18 +181,28 @@ class EmbeddingCache:
         self.folder = folder
         self.fingerprint = fingerprint
 
+    def _key(self, system_id: str, alpha: float | None) -> str:
+        """The name-independent end of a cache file's name: the alpha and a digest of what made it."""
+        digest = hashlib.sha256(f"{self.fingerprint}|{system_id}|{alpha}".encode()).hexdigest()[:16]
+        tag = "hr" if alpha is None else f"a{alpha:.3f}"
+        return f"{tag}_{digest}.npy"
+
     def _path(self, system: str, system_id: str, alpha: float | None) -> Path | None:
         if self.folder is None:
             return None
-        digest = hashlib.sha256(f"{self.fingerprint}|{system_id}|{alpha}".encode()).hexdigest()[:16]
         safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in system)
-        tag = "hr" if alpha is None else f"a{alpha:.3f}"
-        return self.folder / f"{safe}_{tag}_{digest}.npy"
+        return self.folder / f"{safe}_{self._key(system_id, alpha)}"
 
     def get(self, system: str, system_id: str, alpha: float | None, n: int) -> torch.Tensor | None:
+        """The cached embeddings of ``system_id`` at ``alpha``, whatever display name they were
+        saved under (the same weights reached as ``default``, ``fsr_default`` or a path)."""
         path = self._path(system, system_id, alpha)
-        if path is None or not path.is_file():
+        if path is None:
             return None
+        if not path.is_file():
+            path = next(iter(sorted(self.folder.glob(f"*_{self._key(system_id, alpha)}"))), path)
+            if not path.is_file():
+                return None
         try:
             arr = np.load(path, allow_pickle=False)
         except (OSError, ValueError):
@@ -391,8 +401,9 @@ def check_sweep_arguments(prepared_dir: Path, systems: list[str], alphas, includ
 @dataclass
 class NamedSystem:
     """An SR system of the sweep: its unique display ``name``, the ``--system`` ``spec`` it was
-    loaded from, and ``cache_id`` (spec plus a fingerprint of its weights and of the card
-    fields that shape its output)."""
+    loaded from, and ``cache_id`` (single pass or mirror ensemble, and a fingerprint of its
+    weights and of the card fields that shape its output; not the spec, so the same weights
+    named another way reuse the cache)."""
 
     name: str
     spec: str
@@ -410,7 +421,8 @@ def load_named_systems(specs: list[str], compute: Compute) -> list[NamedSystem]:
         name, k = base, 2
         while name in names or name == HR_NAME:
             name, k = f"{base}#{k}", k + 1
-        loaded.append(NamedSystem(name, spec, system, f"{spec}|{_system_fingerprint(system)}"))
+        passes = "mirror-ensemble" if getattr(system, "self_ensemble", False) else "single"
+        loaded.append(NamedSystem(name, spec, system, f"{passes}|{_system_fingerprint(system)}"))
     return loaded
 
 
