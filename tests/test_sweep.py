@@ -230,9 +230,11 @@ def test_verify_two_photos(tmp_path):
     assert bad.exit_code != 0 and "nothing.jpg" in bad.output
 
 
-def test_verify_says_same_person_for_each_shipped_32px_example_and_its_photo():
-    """Each 32 px crop in examples/faces/ was cut from a wild/ photo: the default model's SR of
-    the crop and the photo's face are the same person by dlib's rule (distance < 0.6)."""
+@pytest.mark.parametrize("system", ["default", "fsr_verify"])
+def test_verify_says_same_person_for_each_shipped_32px_example_and_its_photo(system):
+    """Each 32 px crop in examples/faces/ was cut from a wild/ photo: the SR of the crop by the
+    default model and by the model named for verification and the photo's face are the same
+    person by dlib's rule (distance < 0.6)."""
     from tests.conftest import REPO, SHARED_DATA
 
     crops = sorted((REPO / "examples" / "faces").glob("*_32.png"))
@@ -240,6 +242,6 @@ def test_verify_says_same_person_for_each_shipped_32px_example_and_its_photo():
     runner = CliRunner()
     for crop in crops:
         photo = SHARED_DATA / "wild" / f"{crop.stem[: -len('_32')]}.jpg"
-        result = runner.invoke(app, ["verify", str(crop), str(photo), "--device", "cpu"])
+        result = runner.invoke(app, ["verify", str(crop), str(photo), "--system", system, "--device", "cpu"])
         assert result.exit_code == 0, result.output
-        assert "same person" in result.output and "SR default" in result.output, (crop.name, result.output[-300:])
+        assert "same person" in result.output and f"SR {system}" in result.output, (crop.name, result.output[-300:])
