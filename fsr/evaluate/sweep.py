@@ -193,16 +193,14 @@ class EmbeddingCache:
         safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in system)
         return self.folder / f"{safe}_{self._key(system_id, alpha)}"
 
-    def get(self, system: str, system_id: str, alpha: float | None, n: int) -> torch.Tensor | None:
+    def get(self, system_id: str, alpha: float | None, n: int) -> torch.Tensor | None:
         """The cached embeddings of ``system_id`` at ``alpha``, whatever display name they were
         saved under (the same weights reached as ``default``, ``fsr_default`` or a path)."""
-        path = self._path(system, system_id, alpha)
+        if self.folder is None:
+            return None
+        path = next(iter(sorted(self.folder.glob(f"*_{self._key(system_id, alpha)}"))), None)
         if path is None:
             return None
-        if not path.is_file():
-            path = next(iter(sorted(self.folder.glob(f"*_{self._key(system_id, alpha)}"))), path)
-            if not path.is_file():
-                return None
         try:
             arr = np.load(path, allow_pickle=False)
         except (OSError, ValueError):
@@ -233,11 +231,13 @@ OUTPUT_CARD_FIELDS = ("architecture", "arch_args", "scale", "input_size", "lr_fa
 
 
 def _system_fingerprint(system) -> str:
-    """What identifies a system for the cache: the card fields that shape its output and a digest of its weights."""
+    """What identifies a system for the cache, whatever spec named it: single pass or mirror
+    ensemble, the card fields that shape its output and a digest of its weights."""
     if system.model is None:
-        return "bicubic"
+        return "single|bicubic"
+    passes = "mirror-ensemble" if system.self_ensemble else "single"
     shape = json.dumps({key: getattr(system.card, key) for key in OUTPUT_CARD_FIELDS}, sort_keys=True, default=str)
-    return hashlib.sha256(f"{shape}|{_model_fingerprint(system.model)}".encode()).hexdigest()[:16]
+    return f"{passes}|" + hashlib.sha256(f"{shape}|{_model_fingerprint(system.model)}".encode()).hexdigest()[:16]
 
 
 def embed_system(
@@ -401,9 +401,8 @@ def check_sweep_arguments(prepared_dir: Path, systems: list[str], alphas, includ
 @dataclass
 class NamedSystem:
     """An SR system of the sweep: its unique display ``name``, the ``--system`` ``spec`` it was
-    loaded from, and ``cache_id`` (single pass or mirror ensemble, and a fingerprint of its
-    weights and of the card fields that shape its output; not the spec, so the same weights
-    named another way reuse the cache)."""
+    loaded from, and ``cache_id`` (:func:`_system_fingerprint`: not the spec, so the same
+    weights named another way reuse the cache)."""
 
     name: str
     spec: str
@@ -421,8 +420,7 @@ def load_named_systems(specs: list[str], compute: Compute) -> list[NamedSystem]:
         name, k = base, 2
         while name in names or name == HR_NAME:
             name, k = f"{base}#{k}", k + 1
-        passes = "mirror-ensemble" if getattr(system, "self_ensemble", False) else "single"
-        loaded.append(NamedSystem(name, spec, system, f"{passes}|{_system_fingerprint(system)}"))
+        loaded.append(NamedSystem(name, spec, system, _system_fingerprint(system)))
     return loaded
 
 
@@ -467,7 +465,7 @@ def embed_hr_reference(prepared_dir: Path, faces: FaceSet, scorer: PairScorer, c
     """The alpha-independent HR row: HR crops (``crop``) or the source photos (``photo``), cached."""
     progress.update(task, description=f"embed HR ({hr_source})")
     n = len(faces.keys)
-    emb = cache.get(HR_NAME, f"hr-{hr_source}", None, n)
+    emb = cache.get(f"hr-{hr_source}", None, n)
     if emb is None:
         if hr_source == "photo":
             emb = embed_source_photos(prepared_dir, faces, scorer.embedder, min(chunk, 64), progress, task)
@@ -486,7 +484,7 @@ def embed_system_alphas(faces: FaceSet, named: NamedSystem, alphas: list[float],
     results = {}
     for alpha in alphas:
         progress.update(task, description=f"{named.name} a={alpha:g}")
-        emb = cache.get(named.name, named.cache_id, alpha, n)
+        emb = cache.get(named.cache_id, alpha, n)
         if emb is None:
             emb = embed_system(faces, named.system, alpha, scorer.embedder, chunk, progress, task)
             cache.put(named.name, named.cache_id, alpha, emb)
