@@ -67,6 +67,14 @@ def _sweep_average_at_or_above_bicubic(sweep: dict, system: str) -> float:
     return average
 
 
+def _deep_model_file_of_2026_12_06_sha256() -> str:
+    """SHA-256 of the 12-block fsr_deep file the default and fsr_verify were fine-tuned from: the
+    shipped fsr_deep is that file grown to 16 blocks, and its card names the file it replaced."""
+    deep = _shipped_card("fsr_deep")
+    assert deep["replaces"]["what"].startswith("the 12-block file")
+    return deep["replaces"]["sha256"]
+
+
 def test_default_model_is_the_identity_fine_tune_of_the_deep_model_and_records_its_figures():
     """weights/fsr_default: checksummed, and its card says what it is (fsr_deep fine-tuned with
     the identity loss, Eq. 5) and holds its held-out figures: above bicubic with a lower dlib
@@ -80,7 +88,7 @@ def test_default_model_is_the_identity_fine_tune_of_the_deep_model_and_records_i
     # the 12-block fsr_deep fine-tuned (since 2026-12-06), from the file its card names
     assert config["model"]["init_weights"] == "weights/fsr_deep.safetensors" and card["arch_args"]["nb"] == 12
     other_cards = {name: _shipped_card(name) for name in ("fsr_fast", "fsr_deep", "fsr_ipfsrgan")}
-    assert card["init_weights_sha256"] == other_cards["fsr_deep"]["sha256"]
+    assert card["init_weights_sha256"] == _deep_model_file_of_2026_12_06_sha256()
     assert config["loss"]["identity"] > 0 and config["loss"]["gan"] == "none"
     _assert_beats_the_file_it_replaces(card, identity=True)
     others = {name: other["heldout"]["sets"] for name, other in other_cards.items()}
@@ -132,7 +140,7 @@ def test_verification_model_is_the_default_recipe_with_more_identity_weight_and_
     assert card["sha256"] == sha256_file(weights) and card["arch_args"]["nb"] == 12
     config = card["config"]
     assert config["model"]["init_weights"] == "weights/fsr_deep.safetensors"
-    assert card["init_weights_sha256"] == _shipped_card("fsr_deep")["sha256"]
+    assert card["init_weights_sha256"] == _deep_model_file_of_2026_12_06_sha256()
     assert config["loss"]["identity"] == 3 * default["config"]["loss"]["identity"]
     for name, figures in card["heldout"]["sets"].items():
         model = figures["model"]
@@ -243,8 +251,8 @@ def test_default_keeps_identity_better_than_the_models_it_replaced_on_held_out_f
 
 def test_deep_model_is_the_celeba_model_grown_and_records_its_held_out_figures():
     card = _shipped_card("fsr_deep")
-    # fsr_celeba's 2 blocks grown to 8, and those to 12 (since 2026-12-06)
-    assert card["arch_args"]["nb"] == 12 and card["arch_args"]["nf"] == 32
+    # fsr_celeba's 2 blocks grown to 8, those to 12, and those to 16 (since 2026-12-06)
+    assert card["arch_args"]["nb"] == 16 and card["arch_args"]["nf"] == 32
     assert card["sha256"] == shipped_checksums()["fsr_deep.safetensors"]
     # grown from fsr_celeba, or trained further from an earlier fsr_deep file that it replaces
     init = card["config"]["model"]["init_weights"]
