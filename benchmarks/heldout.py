@@ -73,6 +73,12 @@ def markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
+def write_figures(out: Path, results: dict, table: str) -> None:
+    """The figures as JSON (with the machine) at ``out`` and the Markdown table beside it (.md)."""
+    out.write_text(json.dumps({"machine": machine_description(), "results": results}, indent=2))
+    out.with_suffix(".md").write_text(table + "\n")
+
+
 def write_cards(results: dict, specs: dict[str, str], command: str) -> list[Path]:
     """Store every model's held-out rows, with bicubic's and the paper's Table 1, in its card.
     ``specs``: the system names fsr metrics reported -> the spec each was given as."""
@@ -118,9 +124,7 @@ def main() -> None:
     table = markdown(results)
     print(table)
     if args.out:
-        out = Path(args.out)
-        out.write_text(json.dumps({"machine": machine_description(), "results": results}, indent=2))
-        out.with_suffix(".md").write_text(table + "\n")
+        write_figures(Path(args.out), results, table)
     if args.write_cards:
         for card in write_cards(results, specs, " ".join(["python", *sys.argv])):
             print(f"card updated: {card}")

@@ -15,7 +15,6 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,6 +26,7 @@ from fsr.data.degrade import quantise_8bit
 from fsr.evaluate.identity import FaceEmbedder, load_face_model
 from fsr.evaluate.metrics import Chunk, evaluate_chunks, load_faces, select_records
 from fsr.models.systems import load_sr_system
+from heldout import write_figures  # benchmarks/ is on sys.path when this script runs
 
 
 def bicubic_from(hr: torch.Tensor, size: int) -> torch.Tensor:
@@ -91,9 +91,7 @@ def main() -> None:
     table = markdown(results)
     print(table)
     if args.out:
-        out = Path(args.out)
-        out.write_text(json.dumps({"machine": machine_description(), "results": results}, indent=2))
-        out.with_suffix(".md").write_text(table + "\n")
+        write_figures(Path(args.out), results, table)
 
 
 if __name__ == "__main__":
