@@ -24,9 +24,9 @@ from fsr.core.device import Compute, machine_description
 from fsr.core.resize import resize_bicubic
 from fsr.data.degrade import quantise_8bit
 from fsr.evaluate.identity import FaceEmbedder, load_face_model
-from fsr.evaluate.metrics import Chunk, evaluate_chunks, load_faces, select_records
+from fsr.evaluate.metrics import Chunk, evaluate_chunks, prepared_chunks, select_records
 from fsr.models.systems import load_sr_system
-from heldout import write_figures  # benchmarks/ is on sys.path when this script runs
+from heldout import gains, write_figures  # benchmarks/ is on sys.path when this script runs
 
 
 def bicubic_from(hr: torch.Tensor, size: int) -> torch.Tensor:
@@ -35,29 +35,23 @@ def bicubic_from(hr: torch.Tensor, size: int) -> torch.Tensor:
     return quantise_8bit(resize_bicubic(small, tuple(hr.shape[-2:])).clamp(0, 1))
 
 
-def set_chunks(data: Path, systems: dict, sizes: list[int], limit: int, chunk_size: int = 128) -> Iterator[Chunk]:
-    records = select_records(data, limit=limit)
-    skipped: list[str] = []
-    for start in range(0, len(records), chunk_size):
-        kept, hr, lr, landmarks = load_faces(data, records[start:start + chunk_size], skipped)
-        if not kept:
-            continue
-        outputs = {name: quantise_8bit(system.upscale(lr)) for name, system in systems.items()}
-        outputs.update({f"bicubic from {s} px": bicubic_from(hr, s) for s in sizes})
-        yield Chunk([r.face_id for r in kept], hr, outputs, landmarks, lr)
+def with_larger_inputs(chunks: Iterator[Chunk], sizes: list[int]) -> Iterator[Chunk]:
+    """The prepared set's chunks (the SR systems already run on their LR faces) with the
+    bicubic-from-S-px references added beside them."""
+    for chunk in chunks:
+        chunk.outputs.update({f"bicubic from {s} px": bicubic_from(chunk.hr, s) for s in sizes})
+        yield chunk
 
 
 def measure_set(data: Path, systems: dict, sizes: list[int], embedder: FaceEmbedder, limit: int = 0) -> dict:
-    """name -> PSNR, SSIM, dlib distance and their change against bicubic from the 32 px LR."""
+    """name -> PSNR, SSIM, dlib distance and their change against bicubic from the 32 px LR
+    (rows as :func:`heldout.gains` makes them)."""
+    records = select_records(data, limit=limit)
+    chunks = with_larger_inputs(prepared_chunks(data, records, systems, 128, skipped=[]), sizes)
     names = list(systems) + [f"bicubic from {s} px" for s in sizes]
-    report = evaluate_chunks(set_chunks(data, systems, sizes, limit), names, len(select_records(data, limit=limit)), embedder,
-                             show_progress=False)
-    summary = report.summary()
-    base = summary["bicubic"]
-    return {name: {"n": int(v["n_images"]), "psnr": v["psnr_rgb"], "ssim": v["ssim"], "id_distance": v["id_distance"],
-                   "psnr_gain": v["psnr_rgb"] - base["psnr_rgb"], "ssim_gain": v["ssim"] - base["ssim"],
-                   "id_distance_change": v["id_distance"] / base["id_distance"] - 1}
-            for name, v in summary.items()}
+    report = evaluate_chunks(chunks, names, len(records), embedder, show_progress=False)
+    summary = {"summary": report.summary()}
+    return {name: gains(summary, name) for name in names}
 
 
 def markdown(results: dict) -> str:
