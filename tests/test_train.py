@@ -295,6 +295,52 @@ def test_deepened_generator_starts_as_the_shipped_one_and_trains_its_new_blocks(
     assert trained[new_conv].abs().max() > 0  # the zero-initialised convs receive gradients
 
 
+def test_widened_generator_starts_as_the_shipped_one_and_trains_its_new_channels(prepared, tmp_path):
+    """model.init_weights with fewer feature/growth channels (and blocks) than the config: the grown
+    generator computes what the shipped one computes on real faces, the new channels learn, and a
+    config narrower than the file is refused in one line."""
+    import piq
+
+    from fsr.data.dataset import FaceBatcher, load_face_arrays, split_train_val
+    from fsr.models.rrdb import RRDBNet, widen_rrdb_state
+    from fsr.models.systems import load_generator_file
+
+    shipped = REPO / "weights" / "fsr_fast.safetensors"
+    small, _ = load_generator_file(shipped)
+    args = {**small.arch_args, "nf": small.arch_args["nf"] + 8, "gc": small.arch_args["gc"] + 4}
+    wide = RRDBNet(**args)
+    wide.load_state_dict(widen_rrdb_state(small.state_dict(), wide))
+    arrays = load_face_arrays(prepared, with_lr=True)
+    _, val_idx = split_train_val(arrays)
+    faces = FaceBatcher(arrays, val_idx, torch.device("cpu"), lr_source="bicubic", flip=False).all_faces()
+    with torch.no_grad():
+        assert torch.allclose(wide.eval()(faces.lr), small.eval()(faces.lr), atol=1e-5)
+        shipped_psnr = float(piq.psnr(small(faces.lr).clamp(0, 1), faces.hr, data_range=1.0))
+    with pytest.raises(ValueError, match="cannot narrow"):
+        widen_rrdb_state(wide.state_dict(), RRDBNet(**small.arch_args))
+
+    grown = {**args, "nb": len(small.body) + 1}  # wider and deeper in one run
+    model_sets = [f"--set=model.{k}={str(v).lower()}" for k, v in grown.items()
+                  if k in ("nf", "nb", "gc", "upsampler", "bicubic_skip")]
+    common = [str(prepared), "--preset", "esrgan", "--perceptual", "none", "--steps", "2", "--batch-size", "4",
+              "--device", "cpu", "--threads", "2", "--no-progress", "--set", "loss.gan=none", "--set",
+              "optim.lr_g=1e-7", "--set", "train.val_every=2", "--set", "train.checkpoint_every=2"]
+    run = tmp_path / "wide"
+    _run_cli([*common, "--run-dir", str(run), *model_sets, "--set", f"model.init_weights={shipped}"])
+    assert _log(run, "val")[-1]["psnr"] == pytest.approx(shipped_psnr, abs=0.02)
+    trained = _ckpt_tensors(run, 2)["generator"]
+    nf_old = small.arch_args["nf"]
+    assert trained["conv_first.weight"][nf_old:].abs().max() > 0  # zero-initialised rows learn
+    assert trained["conv_first.weight"].shape[0] == grown["nf"]
+
+    narrow = tmp_path / "narrow"
+    result = CliRunner().invoke(app, ["train", *common, "--run-dir", str(narrow), "--set", "model.nf=16",
+                                      "--set", "model.gc=8", "--set", "model.upsampler=pixelshuffle",
+                                      "--set", "model.bicubic_skip=true", "--set", f"model.init_weights={shipped}"])
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert result.exit_code != 0 and lines[-1].startswith("error:") and "cannot narrow" in lines[-1], result.output
+
+
 def test_ema_warmup_decay_ramps_to_the_configured_decay():
     from fsr.core.device import Compute
     from fsr.train.config import build_config

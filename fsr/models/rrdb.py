@@ -152,3 +152,64 @@ def deepen_rrdb_state(small: dict[str, torch.Tensor], deep: RRDBNet) -> dict[str
             state[f"body.{block}.{rdb}.conv5.bias"].zero_()
     state["conv_body.weight"] = small["conv_body.weight"] / 1.2 ** (n_deep - n_small)
     return state
+
+
+def _conv_channel_groups(key: str, nf: int, gc: int, out_ch: int) -> tuple[list[int], list[int]]:
+    """(output groups, input groups) of the conv named ``key`` in an RRDBNet with ``nf``/``gc``:
+    the sizes of the concatenated feature maps that widening must keep apart."""
+    name = key.rsplit(".", 1)[0]
+    if name.startswith("body."):
+        k = int(name[-1])  # rdbN.convK
+        return ([nf] if k == 5 else [gc]), [nf] + [gc] * (k - 1)
+    return {
+        "conv_first": ([nf], [3]),
+        "conv_body": ([nf], [nf]),
+        "conv_up1": ([nf], [nf]),
+        "conv_up2": ([nf], [nf]),
+        "conv_hr": ([nf], [nf]),
+        "conv_last": ([out_ch], [nf]),
+        "conv_up_ps": ([out_ch * 16], [nf]),
+    }[name]
+
+
+def _old_channels(narrow: list[int], wide: list[int]) -> torch.Tensor:
+    """Indices, in the wide concatenation, of the narrow one's channels (each group's first ones)."""
+    starts = torch.tensor([0, *wide[:-1]]).cumsum(0)
+    return torch.cat([torch.arange(n) + int(s) for n, s in zip(narrow, starts)])
+
+
+def widen_rrdb_state(narrow: dict[str, torch.Tensor], wide: RRDBNet) -> dict[str, torch.Tensor]:
+    """Weights for ``wide`` (more feature channels nf and/or growth channels gc, as many blocks)
+    that compute exactly what ``narrow`` computes.
+
+    Net2Net-style widening: every conv keeps its trained weights on the old channels; the
+    weights *into* each new channel are zero (so the new feature maps start at zero everywhere
+    and the output is unchanged), and the weights *from* new channels keep ``wide``'s random
+    initialisation, so the first gradient step already reaches the zero weights and the new
+    channels start to learn. Shapes: conv weights (out, in, 3, 3); the dense concatenations
+    ``[x, x1, .., x4]`` of each RDB are widened group by group.
+    """
+    small_args, big_args = rrdb_args_from_state_dict(narrow), wide.arch_args
+    if len(wide.body) != small_args["nb"]:
+        raise ValueError(f"cannot widen {small_args['nb']} RRDB blocks into {len(wide.body)}: deepen separately")
+    if big_args["nf"] < small_args["nf"] or big_args["gc"] < small_args["gc"]:
+        raise ValueError(f"cannot narrow nf/gc {small_args['nf']}/{small_args['gc']} to {big_args['nf']}/{big_args['gc']}")
+    state = {k: v.clone() for k, v in wide.state_dict().items()}
+    if set(state) != set(narrow):
+        raise ValueError("the two models differ beyond nf and gc")
+    out_ch = small_args["out_ch"]
+    for key, value in narrow.items():
+        groups_old = _conv_channel_groups(key, small_args["nf"], small_args["gc"], out_ch)
+        groups_new = _conv_channel_groups(key, big_args["nf"], big_args["gc"], out_ch)
+        rows = _old_channels(groups_old[0], groups_new[0])
+        target = state[key]
+        if key.endswith(".bias"):
+            target.zero_()
+            target[rows] = value
+            continue
+        cols = _old_channels(groups_old[1], groups_new[1])
+        new_rows = torch.ones(target.shape[0], dtype=torch.bool)
+        new_rows[rows] = False
+        target[new_rows] = 0
+        target[rows.unsqueeze(1), cols.unsqueeze(0)] = value
+    return state

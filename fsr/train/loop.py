@@ -39,10 +39,10 @@ from fsr.data.dataset import (
     split_train_val,
 )
 from fsr.data.degrade import bicubic_up
-from fsr.models.rrdb import RRDBNet, deepen_rrdb_state
+from fsr.models.rrdb import RRDBNet, deepen_rrdb_state, widen_rrdb_state
 from fsr.models.sr import ModelCard, export_sr_model
 from fsr.train.checkpoint import find_latest_checkpoint, save_best, save_checkpoint
-from fsr.train.config import Config, build_config, config_from_dict, dump_config, merge_options
+from fsr.train.config import Config, ConfigError, build_config, config_from_dict, dump_config, merge_options
 from fsr.train.distributed import DistInfo, barrier, cleanup, init_distributed, local_device
 from fsr.train.losses import IdentityFeatures, PerceptualFeatures
 from fsr.train.step import LossNetworks, SRTrainer
@@ -337,18 +337,27 @@ def _restore_state(run: _Run, latest) -> None:
 
 
 def _init_state(init_model: torch.nn.Module, generator: torch.nn.Module, source: str) -> dict:
-    """``model.init_weights`` as a state for ``generator``: as is, or deepened when the config asks
-    for more RRDB blocks than the file has (:func:`fsr.models.rrdb.deepen_rrdb_state`)."""
-    grown = (isinstance(generator, RRDBNet) and isinstance(init_model, RRDBNet)
-             and len(generator.body) > len(init_model.body))
-    if not grown:
+    """``model.init_weights`` as a state for ``generator``: as is, or grown when the config asks for
+    more feature/growth channels (:func:`fsr.models.rrdb.widen_rrdb_state`) or more RRDB blocks
+    (:func:`fsr.models.rrdb.deepen_rrdb_state`) than the file has. Either way the grown generator
+    starts computing exactly what the file computes."""
+    if not (isinstance(generator, RRDBNet) and isinstance(init_model, RRDBNet)):
         return init_model.state_dict()
+    state = init_model.state_dict()
+    small, big = init_model.arch_args, generator.arch_args
+    wider = (big["nf"], big["gc"]) != (small["nf"], small["gc"])
+    deeper = len(generator.body) > len(init_model.body)
     try:
-        state = deepen_rrdb_state(init_model.state_dict(), generator)
+        if wider:
+            state = widen_rrdb_state(state, RRDBNet(**{**small, "nf": big["nf"], "gc": big["gc"]}))
+            print(f"model.init_weights {source}: nf/gc {small['nf']}/{small['gc']} widened to "
+                  f"{big['nf']}/{big['gc']} (new channels start at zero)")
+        if deeper:
+            state = deepen_rrdb_state(state, generator)
+            print(f"model.init_weights {source}: {len(init_model.body)} RRDB blocks deepened to "
+                  f"{len(generator.body)} (new blocks start as the identity)")
     except ValueError as exc:
-        raise ValueError(f"model.init_weights {source}: {exc}") from None
-    print(f"model.init_weights {source}: {len(init_model.body)} RRDB blocks deepened to {len(generator.body)} "
-          "(new blocks start as the identity)")
+        raise ConfigError(f"model.init_weights {source}: {exc}") from None
     return state
 
 
