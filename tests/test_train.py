@@ -333,12 +333,13 @@ def test_widened_generator_starts_as_the_shipped_one_and_trains_its_new_channels
     assert trained["conv_first.weight"][nf_old:].abs().max() > 0  # zero-initialised rows learn
     assert trained["conv_first.weight"].shape[0] == grown["nf"]
 
-    narrow = tmp_path / "narrow"
-    result = CliRunner().invoke(app, ["train", *common, "--run-dir", str(narrow), "--set", "model.nf=16",
-                                      "--set", "model.gc=8", "--set", "model.upsampler=pixelshuffle",
-                                      "--set", "model.bicubic_skip=true", "--set", f"model.init_weights={shipped}"])
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    assert result.exit_code != 0 and lines[-1].startswith("error:") and "cannot narrow" in lines[-1], result.output
+    for bad, expected in ((["model.nf=16", "model.gc=8"], "cannot narrow"), (["model.nf=32", "model.gc=16", "model.nb=1"], "can be grown, not cut"),
+                          (["model.nf=32", "model.gc=16", "model.nb=2", "model.upsampler=nearest"], "does not fit")):
+        result = CliRunner().invoke(app, ["train", *common, "--run-dir", str(tmp_path / expected[:8]), "--set",
+                                          "model.upsampler=pixelshuffle", "--set", "model.bicubic_skip=true",
+                                          *[f"--set={b}" for b in bad], "--set", f"model.init_weights={shipped}"])
+        lines = [line for line in result.output.splitlines() if line.strip()]
+        assert result.exit_code != 0 and lines[-1].startswith("error:") and expected in lines[-1], result.output
 
 
 def test_ema_warmup_decay_ramps_to_the_configured_decay():

@@ -323,7 +323,13 @@ def _restore_state(run: _Run, latest) -> None:
 
         init_model, _ = load_generator_file(run.cfg.model.init_weights)
         init_state = _init_state(init_model, trainer.generator, run.cfg.model.init_weights)
-        trainer.generator.load_state_dict(init_state)
+        try:
+            trainer.generator.load_state_dict(init_state)
+        except RuntimeError as exc:  # layers that no growth explains (another upsampler, ...)
+            detail = " ".join(str(exc).split())
+            detail = detail if len(detail) <= 160 else detail[:157] + "..."
+            raise ConfigError(f"model.init_weights {run.cfg.model.init_weights}: does not fit the "
+                              f"configured generator ({detail})") from None
         if trainer.ema is not None:
             trainer.ema.load_state_dict(init_state)
     if latest is None:
@@ -347,6 +353,9 @@ def _init_state(init_model: torch.nn.Module, generator: torch.nn.Module, source:
     small, big = init_model.arch_args, generator.arch_args
     wider = (big["nf"], big["gc"]) != (small["nf"], small["gc"])
     deeper = len(generator.body) > len(init_model.body)
+    if len(generator.body) < len(init_model.body):
+        raise ConfigError(f"model.init_weights {source}: {len(init_model.body)} RRDB blocks, more than "
+                          f"model.nb={len(generator.body)} (a model can be grown, not cut)")
     try:
         if wider:
             state = widen_rrdb_state(state, RRDBNet(**{**small, "nf": big["nf"], "gc": big["gc"]}))
