@@ -259,38 +259,53 @@ def test_validation_on_the_cpu_is_fp32_whatever_the_training_precision(prepared)
         assert not torch.equal(system.model(faces.lr).float().clamp(0, 1), sr_fp32)
 
 
-def test_deepened_generator_starts_as_the_shipped_one_and_trains_its_new_blocks(prepared, tmp_path):
-    """model.init_weights with fewer RRDB blocks than model.nb: the deeper generator computes what
-    the shipped one computes on real faces, and training reaches the new blocks."""
+_GROWTH_RUN = ["--preset", "esrgan", "--perceptual", "none", "--steps", "2", "--batch-size", "4", "--device", "cpu",
+               "--threads", "2", "--no-progress", "--set", "loss.gan=none", "--set", "optim.lr_g=1e-7",
+               "--set", "train.val_every=2", "--set", "train.checkpoint_every=2"]
+
+
+def _fast_model_on_val_faces(prepared):
+    """weights/fsr_fast, its model, the prepared set's validation faces and the model's mean
+    per-face PSNR on them (as validation reports it)."""
     import piq
 
     from fsr.data.dataset import FaceBatcher, load_face_arrays, split_train_val
-    from fsr.models.rrdb import RRDBNet, deepen_rrdb_state
     from fsr.models.systems import load_generator_file
 
     shipped = REPO / "weights" / "fsr_fast.safetensors"
     small, _ = load_generator_file(shipped)
-    args = {**small.arch_args, "nb": len(small.body) + 2}
-    deep = RRDBNet(**args)
-    deep.load_state_dict(deepen_rrdb_state(small.state_dict(), deep))
     arrays = load_face_arrays(prepared, with_lr=True)
     _, val_idx = split_train_val(arrays)
     faces = FaceBatcher(arrays, val_idx, torch.device("cpu"), lr_source="bicubic", flip=False).all_faces()
     with torch.no_grad():
-        assert torch.allclose(deep.eval()(faces.lr), small.eval()(faces.lr), atol=1e-5)
+        psnr = float(piq.psnr(small.eval()(faces.lr).clamp(0, 1), faces.hr, data_range=1.0))
+    return shipped, small, faces, psnr
+
+
+def _train_grown(prepared, run: Path, shipped: Path, arch: dict) -> dict:
+    """Two steps of `fsr train` (lr 1e-7) from ``shipped`` grown to ``arch``; the step-2 generator."""
+    _run_cli([str(prepared), "--run-dir", str(run), *_GROWTH_RUN, "--set", f"model.init_weights={shipped}",
+              *[f"--set=model.{k}={str(v).lower()}" for k, v in arch.items()
+                if k in ("nf", "nb", "gc", "upsampler", "bicubic_skip")]])
+    return _ckpt_tensors(run, 2)["generator"]
+
+
+def test_deepened_generator_starts_as_the_shipped_one_and_trains_its_new_blocks(prepared, tmp_path):
+    """model.init_weights with fewer RRDB blocks than model.nb: the deeper generator computes what
+    the shipped one computes on real faces, and training reaches the new blocks."""
+    from fsr.models.rrdb import RRDBNet, deepen_rrdb_state
+
+    shipped, small, faces, shipped_psnr = _fast_model_on_val_faces(prepared)
+    args = {**small.arch_args, "nb": len(small.body) + 2}
+    deep = RRDBNet(**args)
+    deep.load_state_dict(deepen_rrdb_state(small.state_dict(), deep))
+    with torch.no_grad():
+        assert torch.allclose(deep.eval()(faces.lr), small(faces.lr), atol=1e-5)
     with pytest.raises(ValueError, match="differ beyond"):
         deepen_rrdb_state(small.state_dict(), RRDBNet(**{**args, "gc": 8}))
 
-    run = tmp_path / "deep"
-    _run_cli([str(prepared), "--run-dir", str(run), "--preset", "esrgan", "--perceptual", "none", "--steps", "2",
-              "--batch-size", "4", "--device", "cpu", "--threads", "2", "--no-progress", "--set", "loss.gan=none",
-              *[f"--set=model.{k}={str(v).lower()}" for k, v in args.items() if k in ("nf", "nb", "gc", "upsampler", "bicubic_skip")],
-              "--set", f"model.init_weights={shipped}", "--set", "optim.lr_g=1e-7",
-              "--set", "train.val_every=2", "--set", "train.checkpoint_every=2"])
-    with torch.no_grad():  # mean of the per-face PSNR, as validation reports it
-        shipped_psnr = float(piq.psnr(small(faces.lr).clamp(0, 1), faces.hr, data_range=1.0))
-    assert _log(run, "val")[-1]["psnr"] == pytest.approx(shipped_psnr, abs=0.02)
-    trained = _ckpt_tensors(run, 2)["generator"]
+    trained = _train_grown(prepared, tmp_path / "deep", shipped, args)
+    assert _log(tmp_path / "deep", "val")[-1]["psnr"] == pytest.approx(shipped_psnr, abs=0.02)
     new_conv = f"body.{len(small.body)}.rdb1.conv5.weight"
     assert trained[new_conv].abs().max() > 0  # the zero-initialised convs receive gradients
 
@@ -298,46 +313,32 @@ def test_deepened_generator_starts_as_the_shipped_one_and_trains_its_new_blocks(
 def test_widened_generator_starts_as_the_shipped_one_and_trains_its_new_channels(prepared, tmp_path):
     """model.init_weights with fewer feature/growth channels (and blocks) than the config: the grown
     generator computes what the shipped one computes on real faces, the new channels learn, and a
-    config narrower than the file is refused in one line."""
-    import piq
-
-    from fsr.data.dataset import FaceBatcher, load_face_arrays, split_train_val
+    file that does not fit the config is refused in one line."""
     from fsr.models.rrdb import RRDBNet, widen_rrdb_state
-    from fsr.models.systems import load_generator_file
 
-    shipped = REPO / "weights" / "fsr_fast.safetensors"
-    small, _ = load_generator_file(shipped)
+    shipped, small, faces, shipped_psnr = _fast_model_on_val_faces(prepared)
     args = {**small.arch_args, "nf": small.arch_args["nf"] + 8, "gc": small.arch_args["gc"] + 4}
     wide = RRDBNet(**args)
     wide.load_state_dict(widen_rrdb_state(small.state_dict(), wide))
-    arrays = load_face_arrays(prepared, with_lr=True)
-    _, val_idx = split_train_val(arrays)
-    faces = FaceBatcher(arrays, val_idx, torch.device("cpu"), lr_source="bicubic", flip=False).all_faces()
     with torch.no_grad():
-        assert torch.allclose(wide.eval()(faces.lr), small.eval()(faces.lr), atol=1e-5)
-        shipped_psnr = float(piq.psnr(small(faces.lr).clamp(0, 1), faces.hr, data_range=1.0))
+        assert torch.allclose(wide.eval()(faces.lr), small(faces.lr), atol=1e-5)
     with pytest.raises(ValueError, match="cannot narrow"):
         widen_rrdb_state(wide.state_dict(), RRDBNet(**small.arch_args))
 
     grown = {**args, "nb": len(small.body) + 1}  # wider and deeper in one run
-    model_sets = [f"--set=model.{k}={str(v).lower()}" for k, v in grown.items()
-                  if k in ("nf", "nb", "gc", "upsampler", "bicubic_skip")]
-    common = [str(prepared), "--preset", "esrgan", "--perceptual", "none", "--steps", "2", "--batch-size", "4",
-              "--device", "cpu", "--threads", "2", "--no-progress", "--set", "loss.gan=none", "--set",
-              "optim.lr_g=1e-7", "--set", "train.val_every=2", "--set", "train.checkpoint_every=2"]
-    run = tmp_path / "wide"
-    _run_cli([*common, "--run-dir", str(run), *model_sets, "--set", f"model.init_weights={shipped}"])
-    assert _log(run, "val")[-1]["psnr"] == pytest.approx(shipped_psnr, abs=0.02)
-    trained = _ckpt_tensors(run, 2)["generator"]
-    nf_old = small.arch_args["nf"]
-    assert trained["conv_first.weight"][nf_old:].abs().max() > 0  # zero-initialised rows learn
+    trained = _train_grown(prepared, tmp_path / "wide", shipped, grown)
+    assert _log(tmp_path / "wide", "val")[-1]["psnr"] == pytest.approx(shipped_psnr, abs=0.02)
     assert trained["conv_first.weight"].shape[0] == grown["nf"]
+    assert trained["conv_first.weight"][small.arch_args["nf"]:].abs().max() > 0  # zero-initialised rows learn
 
-    for bad, expected in ((["model.nf=16", "model.gc=8"], "cannot narrow"), (["model.nf=32", "model.gc=16", "model.nb=1"], "can be grown, not cut"),
-                          (["model.nf=32", "model.gc=16", "model.nb=2", "model.upsampler=nearest"], "does not fit")):
-        result = CliRunner().invoke(app, ["train", *common, "--run-dir", str(tmp_path / expected[:8]), "--set",
-                                          "model.upsampler=pixelshuffle", "--set", "model.bicubic_skip=true",
-                                          *[f"--set={b}" for b in bad], "--set", f"model.init_weights={shipped}"])
+    narrow, nf_gc = small.arch_args, [f"model.nf={small.arch_args['nf']}", f"model.gc={small.arch_args['gc']}"]
+    for bad, expected in ((["model.nf=16", "model.gc=8"], "cannot narrow"),
+                          ([*nf_gc, "model.nb=1"], "can be grown, not cut"),
+                          ([*nf_gc, f"model.nb={len(small.body)}", "model.upsampler=nearest"], "does not fit")):
+        result = CliRunner().invoke(app, ["train", str(prepared), "--run-dir", str(tmp_path / expected[:8]),
+                                          *_GROWTH_RUN, "--set", f"model.init_weights={shipped}",
+                                          "--set", f"model.bicubic_skip={str(narrow['bicubic_skip']).lower()}",
+                                          *[f"--set={b}" for b in bad]])
         lines = [line for line in result.output.splitlines() if line.strip()]
         assert result.exit_code != 0 and lines[-1].startswith("error:") and expected in lines[-1], result.output
 
