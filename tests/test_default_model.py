@@ -67,12 +67,15 @@ def _sweep_average_at_or_above_bicubic(sweep: dict, system: str) -> float:
     return average
 
 
-def _deep_model_file_of_2026_12_06_sha256() -> str:
-    """SHA-256 of the 12-block fsr_deep file fsr_verify was fine-tuned from: the shipped fsr_deep
-    is that file grown to 16 blocks, and its card names the file it replaced."""
+def _earlier_deep_model_file_sha256(nb: int) -> str:
+    """SHA-256 of the earlier fsr_deep file with ``nb`` RRDB blocks (nf 32) that shipped models were
+    fine-tuned from: the shipped fsr_deep's card lists every such file (all in the repository
+    history), the newest first, the first being the file it replaced."""
     deep = _shipped_card("fsr_deep")
-    assert deep["replaces"]["what"].startswith("the 12-block file")
-    return deep["replaces"]["sha256"]
+    assert deep["earlier_files"][0]["sha256"] == deep["replaces"]["sha256"]
+    files = [f for f in deep["earlier_files"] if f["arch_args"]["nb"] == nb and f["arch_args"]["nf"] == 32]
+    assert files, nb
+    return files[0]["sha256"]
 
 
 def test_default_model_is_the_identity_fine_tune_of_the_deep_model_and_records_its_figures():
@@ -85,10 +88,10 @@ def test_default_model_is_the_identity_fine_tune_of_the_deep_model_and_records_i
     assert card["architecture"] == "rrdb" and card["scale"] == 4 and card["input_size"] == 32
     assert card["sha256"] == sha256_file(weights) and "command" in card and "training_data" in card
     config = card["config"]
-    # the shipped 16-block fsr_deep fine-tuned (since 2026-12-06), from the file its card names
+    # the 16-block fsr_deep of 2026-12-06 fine-tuned, from the file its card names
     assert config["model"]["init_weights"] == "weights/fsr_deep.safetensors" and card["arch_args"]["nb"] == 16
     other_cards = {name: _shipped_card(name) for name in ("fsr_fast", "fsr_deep", "fsr_ipfsrgan")}
-    assert card["init_weights_sha256"] == shipped_checksums()["fsr_deep.safetensors"]
+    assert card["init_weights_sha256"] == _earlier_deep_model_file_sha256(16)
     assert config["loss"]["identity"] > 0 and config["loss"]["gan"] == "none"
     _assert_beats_the_file_it_replaces(card, identity=True)
     others = {name: other["heldout"]["sets"] for name, other in other_cards.items()}
@@ -142,7 +145,7 @@ def test_verification_model_is_the_default_recipe_with_more_identity_weight_and_
     assert card["sha256"] == sha256_file(weights) and card["arch_args"]["nb"] == 12
     config = card["config"]
     assert config["model"]["init_weights"] == "weights/fsr_deep.safetensors"
-    assert card["init_weights_sha256"] == _deep_model_file_of_2026_12_06_sha256()
+    assert card["init_weights_sha256"] == _earlier_deep_model_file_sha256(12)
     assert config["loss"]["identity"] == 3 * default["config"]["loss"]["identity"]
     for name, figures in card["heldout"]["sets"].items():
         model = figures["model"]
@@ -216,7 +219,7 @@ def _held_out_celeba_faces(n: int = 24) -> torch.Tensor:
 
 
 def test_celeba_models_restore_held_out_celeba_faces_better_than_the_fast_model():
-    """fsr_celeba and fsr_deep (fsr_celeba grown to 8, then 12 RRDB blocks) never saw fsr's 40 held-out
+    """fsr_celeba and fsr_deep (fsr_celeba grown to 16 RRDB blocks and widened) never saw fsr's 40 held-out
     CelebA identities: on their faces each beats the one it was trained from."""
     hr_t = _held_out_celeba_faces()
     lr = _lr_faces(hr_t)
@@ -253,8 +256,8 @@ def test_default_keeps_identity_better_than_the_models_it_replaced_on_held_out_f
 
 def test_deep_model_is_the_celeba_model_grown_and_records_its_held_out_figures():
     card = _shipped_card("fsr_deep")
-    # fsr_celeba's 2 blocks grown to 8, those to 12, and those to 16 (since 2026-12-06)
-    assert card["arch_args"]["nb"] == 16 and card["arch_args"]["nf"] == 32
+    # fsr_celeba's 2 blocks grown to 8, those to 12, those to 16, and those widened from nf 32 to 48
+    assert card["arch_args"]["nb"] == 16 and card["arch_args"]["nf"] == 48
     assert card["sha256"] == shipped_checksums()["fsr_deep.safetensors"]
     # grown from fsr_celeba, or trained further from an earlier fsr_deep file that it replaces
     init = card["config"]["model"]["init_weights"]
@@ -276,7 +279,7 @@ def test_ipfsrgan_model_is_the_gan_fine_tune_of_the_deep_model():
     config = card["config"]
     assert card["sha256"] == shipped_checksums()["fsr_ipfsrgan.safetensors"]
     assert config["model"]["init_weights"] == "weights/fsr_deep.safetensors" and card["arch_args"]["nb"] == 16
-    assert card["init_weights_sha256"] == shipped_checksums()["fsr_deep.safetensors"]
+    assert card["init_weights_sha256"] == _earlier_deep_model_file_sha256(16)
     _assert_beats_the_file_it_replaces(card, identity=True)
     assert config["loss"]["gan"] == "ragan" and config["loss"]["adversarial"] > 0
     assert config["loss"]["identity"] > 0 and config["loss"]["perceptual_net"] == "identity"
