@@ -273,8 +273,9 @@ def test_deep_model_is_the_celeba_model_grown_and_records_its_held_out_figures()
 
 
 def test_ipfsrgan_model_is_the_gan_fine_tune_of_the_deep_model():
-    """fsr_ipfsrgan: the shipped 16-block fsr_deep fine-tuned with the paper's loss (RaGAN +
-    identity + perceptual + L1), better on every held-out set than the 8-block file it replaced."""
+    """fsr_ipfsrgan: the 16-block fsr_deep of nf 32 (shipped before fsr_deep was widened) fine-tuned
+    with the paper's loss (RaGAN + identity + perceptual + L1), better on every held-out set than
+    the 8-block file it replaced."""
     card = _shipped_card("fsr_ipfsrgan")
     config = card["config"]
     assert card["sha256"] == shipped_checksums()["fsr_ipfsrgan.safetensors"]

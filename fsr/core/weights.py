@@ -145,6 +145,28 @@ def _safetensors_metadata(path: Path) -> dict[str, str]:
         raise WeightsError(f"{path}: not a readable safetensors file ({str(exc).splitlines()[0]})") from None
 
 
+def state_dict_mismatch(
+    expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor], ignored_keys: tuple[str, ...] = ()
+) -> str | None:
+    """What keeps ``state`` from loading into a model whose state dict is ``expected``, in one
+    short phrase (missing keys, unexpected keys, wrong shapes, three examples of each), or None."""
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected and k not in ignored_keys]
+    wrong_shape = [
+        f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state and tuple(state[k].shape) != tuple(v.shape)
+    ]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing keys (e.g. {', '.join(missing[:3])})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected keys (e.g. {', '.join(unexpected[:3])})")
+    if wrong_shape:
+        problems.append(f"{len(wrong_shape)} wrong shapes (e.g. {'; '.join(wrong_shape[:3])})")
+    return "; ".join(problems) or None
+
+
 def load_safetensors(
     path: str | os.PathLike,
     *,

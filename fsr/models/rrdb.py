@@ -154,15 +154,16 @@ def deepen_rrdb_state(small: dict[str, torch.Tensor], deep: RRDBNet) -> dict[str
     return state
 
 
-def _conv_channel_groups(key: str, nf: int, gc: int, out_ch: int) -> tuple[list[int], list[int]]:
-    """(output groups, input groups) of the conv named ``key`` in an RRDBNet with ``nf``/``gc``:
-    the sizes of the concatenated feature maps that widening must keep apart."""
+def _conv_channel_groups(key: str, args: dict[str, int]) -> tuple[list[int], list[int]]:
+    """(output groups, input groups) of the conv named ``key`` in an RRDBNet with ``args``
+    (in_ch, out_ch, nf, gc): the sizes of the concatenated feature maps that widening must keep apart."""
+    nf, gc, out_ch = args["nf"], args["gc"], args["out_ch"]
     name = key.rsplit(".", 1)[0]
     if name.startswith("body."):
         k = int(name[-1])  # rdbN.convK
         return ([nf] if k == 5 else [gc]), [nf] + [gc] * (k - 1)
     return {
-        "conv_first": ([nf], [3]),
+        "conv_first": ([nf], [args["in_ch"]]),
         "conv_body": ([nf], [nf]),
         "conv_up1": ([nf], [nf]),
         "conv_up2": ([nf], [nf]),
@@ -197,10 +198,8 @@ def widen_rrdb_state(narrow: dict[str, torch.Tensor], wide: RRDBNet) -> dict[str
     state = {k: v.clone() for k, v in wide.state_dict().items()}
     if set(state) != set(narrow):
         raise ValueError("the two models differ beyond nf and gc")
-    out_ch = small_args["out_ch"]
     for key, value in narrow.items():
-        groups_old = _conv_channel_groups(key, small_args["nf"], small_args["gc"], out_ch)
-        groups_new = _conv_channel_groups(key, big_args["nf"], big_args["gc"], out_ch)
+        groups_old, groups_new = _conv_channel_groups(key, small_args), _conv_channel_groups(key, big_args)
         rows = _old_channels(groups_old[0], groups_new[0])
         target = state[key]
         if key.endswith(".bias"):

@@ -28,7 +28,7 @@ from fsr import __version__
 from fsr.core.batching import make_progress
 from fsr.core.device import Compute, machine_description, precision_name
 from fsr.core.io import atomic_write_text, to_uint8, write_image
-from fsr.core.weights import load_safetensors
+from fsr.core.weights import load_safetensors, state_dict_mismatch
 from fsr.data.dataset import (
     FaceArrays,
     FaceBatch,
@@ -323,13 +323,12 @@ def _restore_state(run: _Run, latest) -> None:
 
         init_model, _ = load_generator_file(run.cfg.model.init_weights)
         init_state = _init_state(init_model, trainer.generator, run.cfg.model.init_weights)
-        try:
-            trainer.generator.load_state_dict(init_state)
-        except RuntimeError as exc:  # layers that no growth explains (another upsampler, ...)
-            detail = " ".join(str(exc).split())
-            detail = detail if len(detail) <= 160 else detail[:157] + "..."
+        # layers that no growth explains (another upsampler, ...)
+        problems = state_dict_mismatch(trainer.generator.state_dict(), init_state)
+        if problems:
             raise ConfigError(f"model.init_weights {run.cfg.model.init_weights}: does not fit the "
-                              f"configured generator ({detail})") from None
+                              f"configured generator ({problems})")
+        trainer.generator.load_state_dict(init_state)
         if trainer.ema is not None:
             trainer.ema.load_state_dict(init_state)
     if latest is None:

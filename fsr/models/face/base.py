@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fsr.core.device import Compute
-from fsr.core.weights import WeightsError, find_weights, load_torch_checkpoint, search_dirs
+from fsr.core.weights import WeightsError, find_weights, load_torch_checkpoint, search_dirs, state_dict_mismatch
 from fsr.models.face.align import align_faces, resize_faces
 
 
@@ -216,23 +216,10 @@ def load_user_checkpoint(
         raise WeightsError(f"{path}: not a {spec.name} checkpoint (no state dict of tensors inside)")
     state = {(k[len("module.") :] if k.startswith("module.") else k): v for k, v in state.items()}
     expected = model.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected and k not in ignored_keys]
-    wrong_shape = [
-        f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}"
-        for k, v in expected.items()
-        if k in state and tuple(state[k].shape) != tuple(v.shape)
-    ]
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} missing keys (e.g. {', '.join(missing[:3])})")
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected keys (e.g. {', '.join(unexpected[:3])})")
-    if wrong_shape:
-        problems.append(f"{len(wrong_shape)} wrong shapes (e.g. {'; '.join(wrong_shape[:3])})")
+    problems = state_dict_mismatch(expected, state, ignored_keys)
     if problems:
         raise WeightsError(
-            f"{path}: not a {spec.name} checkpoint ({'; '.join(problems)}); expected {spec.weights_file} "
+            f"{path}: not a {spec.name} checkpoint ({problems}); expected {spec.weights_file} "
             f"from {spec.weights_source}"
         )
     model.load_state_dict({k: state[k] for k in expected}, strict=True)
