@@ -1,0 +1,90 @@
+"""The fixed 4x4 sub-pixel pattern of pixel-shuffle generators (fsr.models.phase): measured on
+real faces, removed through the upsampler bias, and absent from the shipped corrected models."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from fsr.core.device import Compute
+from fsr.core.weights import SHIPPED_WEIGHTS_DIR, load_safetensors
+from fsr.models.phase import flat_field_range, phase_pattern, remove_phase_pattern
+from fsr.models.systems import load_sr_system
+
+from .test_default_model import _held_out_celeba_faces, _lr_faces, _pairs_identities, _psnr
+from .conftest import LFW_DIR, lfw_centre_face
+from .test_train import prepared  # noqa: F401 - the fixture: six CelebA identities prepared by `fsr prepare`
+
+
+def _lfw_faces(n: int) -> torch.Tensor:
+    names = _pairs_identities()[7::90][:n]
+    return torch.stack([lfw_centre_face(sorted((LFW_DIR / name).glob("*.jpg"))[0]) for name in names])
+
+
+def _peak_to_peak(pattern: torch.Tensor) -> float:
+    return float((pattern.amax() - pattern.amin()) * 255)
+
+
+def test_a_planted_grid_is_measured_on_real_faces_and_removed_through_the_bias():
+    """fsr_celeba (L1 only: no pattern of its own) with a known 4x4 pattern of about 3 grey
+    levels added to its upsampler bias: measured on held-out CelebA faces the pattern comes back
+    to within 0.3 grey levels, and removing it restores the model's outputs on other (LFW) faces
+    to within half a grey level, with the PSNR it had."""
+    compute = Compute.create("cpu", batch_size=24)
+    clean = load_sr_system("fsr_celeba", compute)
+    planted = load_sr_system("fsr_celeba", compute)
+    grid = (torch.rand(3, 4, 4, generator=torch.Generator().manual_seed(0)) - 0.5) * 3 / 255
+    grid -= grid.mean(dim=(1, 2), keepdim=True)
+    with torch.no_grad():
+        planted.model.conv_up_ps.bias += grid.reshape(-1)
+
+    hr_a = _held_out_celeba_faces(24)
+    measured = phase_pattern(planted.upscale, _lr_faces(hr_a), hr_a) - phase_pattern(clean.upscale, _lr_faces(hr_a), hr_a)
+    assert float((measured - grid).abs().max()) * 255 < 0.3
+    own = phase_pattern(planted.upscale, _lr_faces(hr_a), hr_a)
+    assert _peak_to_peak(own) > 2.0
+
+    state = {k: v.clone() for k, v in planted.model.state_dict().items()}
+    corrected = load_sr_system("fsr_celeba", compute)
+    corrected.model.load_state_dict(remove_phase_pattern(state, own))
+    hr_b = _lfw_faces(24)
+    lr_b = _lr_faces(hr_b)
+    before, after, reference = planted(lr_b), corrected(lr_b), clean(lr_b)
+    assert _peak_to_peak(phase_pattern(corrected.upscale, lr_b, hr_b)) < 0.6
+    assert float((after - reference).abs().max()) * 255 < 0.5
+    assert _psnr(after, hr_b).mean() > _psnr(before, hr_b).mean()
+    assert max(flat_field_range(corrected.upscale)) < 0.5 < 2.0 < max(flat_field_range(planted.upscale))
+
+
+def test_the_correction_needs_a_pixel_shuffle_generator_and_never_overwrites_its_input(tmp_path, capsys):
+    from fsr.models.phase import main
+
+    with pytest.raises(ValueError, match="pixel-shuffle"):
+        remove_phase_pattern({"conv_last.bias": torch.zeros(3)}, torch.zeros(3, 4, 4))
+    with pytest.raises(ValueError, match="48"):
+        remove_phase_pattern(load_safetensors(SHIPPED_WEIGHTS_DIR / "fsr_fast.safetensors"), torch.zeros(3, 2, 2))
+    weights = SHIPPED_WEIGHTS_DIR / "fsr_fast.safetensors"
+    assert main([str(weights), str(weights), "--data", str(tmp_path)]) == 2
+    assert "would overwrite the input" in capsys.readouterr().err
+
+
+def test_the_correction_command_writes_a_corrected_export_with_its_record(prepared, tmp_path):
+    """`python -m fsr.models.phase` on fsr_verify (identity-trained, not corrected) with the
+    training faces of a set `fsr prepare` made: the new export loads, its card records what was
+    removed and from which file, and its flat-field pattern is below the original's."""
+    from fsr.core.weights import sha256_file
+    from fsr.models.phase import main
+    from fsr.models.sr import read_card
+
+    source = SHIPPED_WEIGHTS_DIR / "fsr_verify.safetensors"
+    out = tmp_path / "fsr_verify_flat.safetensors"
+    assert main([str(source), str(out), "--data", str(prepared), "--faces", "40", "--threads", "2"]) == 0
+    record = read_card(out).extra["phase_correction"]
+    assert record["uncorrected_sha256"] == sha256_file(source) and record["faces"] >= 20
+    assert json.loads(out.with_suffix(".json").read_text())["sha256"] == sha256_file(out)
+    assert record["pattern_peak_to_peak_grey_levels"] > 1.0
+    assert max(record["flat_field_range_after"]) < max(record["flat_field_range_before"])
+    corrected = load_sr_system(str(out), Compute.create("cpu"))
+    assert [round(v, 3) for v in flat_field_range(corrected.upscale)] == record["flat_field_range_after"]
