@@ -83,6 +83,7 @@ class LossConfig:
     pixel: float | None = None
     gan: Literal["ragan", "vanilla", "none"] = "ragan"            # ragan (Eqs. 2-4) | vanilla (SRGAN) | none
     margin: float = 0.0              # m of Eq. 5
+    phase: float = 0.0               # weight of the sub-pixel pattern penalty (fsr.models.phase); 0 = off
     perceptual_net: PerceptualNet = "vgg"
     perceptual_layers: list[str] = field(default_factory=lambda: ["conv5_4"])
     perceptual_criterion: Criterion = "l2"  # Eq. 6 squared L2; l1 = public code / ESRGAN

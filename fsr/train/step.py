@@ -24,6 +24,7 @@ from fsr.core.resize import resize_bicubic
 from fsr.data.dataset import FaceBatch
 from fsr.models.discriminator import VGGStyleDiscriminator
 from fsr.models.generators import build_generator
+from fsr.models.phase import phase_means
 from fsr.train.config import Config
 from fsr.train.distributed import DistInfo, wrap_ddp
 from fsr.train.losses import (
@@ -138,6 +139,11 @@ class SRTrainer:
                     l_pix = pixel_loss(sr, batch.hr, cfg.loss.pixel_criterion)
                     total = total + w.pixel * l_pix
                     logs["l_pixel"] = l_pix.detach()
+                if cfg.loss.phase > 0 and sr.shape[-1] % 4 == 0 and sr.shape[-2] % 4 == 0:
+                    # the batch's mean 4x4 pattern of SR - HR: a fixed grid no real face has
+                    l_phase = phase_means(sr.float() - batch.hr.float()).square().mean()
+                    total = total + cfg.loss.phase * l_phase
+                    logs["l_phase"] = l_phase.detach()
                 if w.perceptual > 0 and self.perceptual_net is not None:
                     if self.shared_identity_pass:  # the identity term below reuses emb_sr, emb_hr
                         emb_sr, feats_sr = self.identity_net.embed_and_features(sr, batch.landmarks)
