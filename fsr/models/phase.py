@@ -25,7 +25,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fsr.core.device import Compute
+from fsr.core.resize import bicubic_up
 from fsr.core.weights import load_safetensors, sha256_file
+from fsr.data.dataset import load_face_arrays
+from fsr.models.sr import export_sr_model, read_card
+from fsr.models.systems import load_sr_system
 
 SCALE = 4
 BIAS_KEY = "conv_up_ps.bias"
@@ -56,8 +61,6 @@ def phase_pattern(upscale, lr: torch.Tensor, hr: torch.Tensor, batch: int = 64) 
 def flat_field_range(upscale, levels: tuple[float, ...] = (0.2, 0.5, 0.8), side: int = 48) -> list[float]:
     """Peak-to-peak (grey levels, 0..255) of the phase means of SR - bicubic on flat grey LR
     images, one per level, away from the borders: 0 for a generator without a fixed pattern."""
-    from fsr.core.resize import bicubic_up
-
     ranges = []
     for level in levels:
         flat = torch.full((1, 3, side, side), float(level))
@@ -83,8 +86,6 @@ def remove_phase_pattern(state: dict[str, torch.Tensor], pattern: torch.Tensor) 
 
 
 def _training_faces(data: list[str], per_set: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    from fsr.data.dataset import load_face_arrays
-
     lrs, hrs = [], []
     for d in data:
         faces = load_face_arrays(d, with_lr=True, splits=("train",))
@@ -99,10 +100,6 @@ def correct_export(src: str | Path, out: str | Path, data: list[str], per_set: i
     """Measure ``src``'s pattern on ``per_set`` training faces of each prepared set in ``data``
     (their ``train`` split), subtract it, and write ``out`` (+ card: ``src``'s card with a
     ``phase_correction`` record). Returns that record."""
-    from fsr.core.device import Compute
-    from fsr.models.sr import export_sr_model, read_card
-    from fsr.models.systems import load_sr_system
-
     src, out = Path(src), Path(out)
     lr, hr = _training_faces(data, per_set, seed)
     system = load_sr_system(str(src), Compute.create("cpu"))
