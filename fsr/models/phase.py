@@ -13,6 +13,8 @@ set of faces (minus its mean over the phases); :func:`remove_phase_pattern` subt
 upsampler's bias, which shifts every output pixel of that phase and colour by the same amount
 and leaves everything else as it was. ``python -m fsr.models.phase SRC OUT --data DIR...``
 does both on a prepared training set and writes a new export whose card records the correction.
+Better still, the pattern need not form: ``fsr train`` with ``loss.phase`` adds the mean square
+of each batch's :func:`phase_means` to the generator loss (``fsr.train.step``).
 """
 
 from __future__ import annotations
