@@ -23,7 +23,7 @@ from rich.table import Table
 from fsr.core.device import Compute, machine_description
 from fsr.data.dataset import load_face_arrays
 from fsr.evaluate.metrics import pixel_metrics
-from fsr.models.phase import flat_field_range, phase_means
+from fsr.models.phase import flat_field_range, peak_to_peak_grey_levels, phase_means
 from fsr.models.systems import load_sr_system
 
 
@@ -47,7 +47,7 @@ def main() -> None:
         pattern = phase_means(sr - hr)
         rows[spec] = {
             "flat_field_range_grey_levels": [round(v, 3) for v in flat_field_range(system.upscale)],
-            "face_pattern_peak_to_peak_grey_levels": round(float((pattern.amax() - pattern.amin()) * 255), 3),
+            "face_pattern_peak_to_peak_grey_levels": round(peak_to_peak_grey_levels(pattern), 3),
             "psnr_rgb": round(float(pixel_metrics(sr.clamp(0, 1), hr)["psnr_rgb"].mean()), 3),
         }
     table = Table(title=f"fixed 4x4 sub-pixel pattern ({len(lr)} faces of {args.data})")

@@ -9,9 +9,11 @@ import pytest
 import torch
 
 from fsr.core.device import Compute
-from fsr.core.weights import SHIPPED_WEIGHTS_DIR, load_safetensors
-from fsr.models.phase import flat_field_range, phase_pattern, remove_phase_pattern
-from fsr.models.systems import load_sr_system
+from fsr.core.weights import SHIPPED_WEIGHTS_DIR, load_safetensors, sha256_file
+from fsr.models.phase import (flat_field_range, main, peak_to_peak_grey_levels as _peak_to_peak, phase_means,
+                              phase_pattern, remove_phase_pattern)
+from fsr.models.sr import read_card
+from fsr.models.systems import load_generator_file, load_sr_system
 
 from .test_default_model import _held_out_celeba_faces, _lr_faces, _pairs_identities, _psnr
 from .conftest import LFW_DIR, lfw_centre_face
@@ -21,10 +23,6 @@ from .test_train import prepared  # noqa: F401 - the fixture: six CelebA identit
 def _lfw_faces(n: int) -> torch.Tensor:
     names = _pairs_identities()[7::90][:n]
     return torch.stack([lfw_centre_face(sorted((LFW_DIR / name).glob("*.jpg"))[0]) for name in names])
-
-
-def _peak_to_peak(pattern: torch.Tensor) -> float:
-    return float((pattern.amax() - pattern.amin()) * 255)
 
 
 def test_a_planted_grid_is_measured_on_real_faces_and_removed_through_the_bias():
@@ -59,8 +57,6 @@ def test_a_planted_grid_is_measured_on_real_faces_and_removed_through_the_bias()
 
 
 def test_the_correction_needs_a_pixel_shuffle_generator_and_never_overwrites_its_input(tmp_path, capsys):
-    from fsr.models.phase import main
-
     with pytest.raises(ValueError, match="pixel-shuffle"):
         remove_phase_pattern({"conv_last.bias": torch.zeros(3)}, torch.zeros(3, 4, 4))
     with pytest.raises(ValueError, match="48"):
@@ -74,10 +70,6 @@ def test_the_correction_command_writes_a_corrected_export_with_its_record(prepar
     """`python -m fsr.models.phase` on fsr_verify (identity-trained, not corrected) with the
     training faces of a set `fsr prepare` made: the new export loads, its card records what was
     removed and from which file, and its flat-field pattern is below the original's."""
-    from fsr.core.weights import sha256_file
-    from fsr.models.phase import main
-    from fsr.models.sr import read_card
-
     source = SHIPPED_WEIGHTS_DIR / "fsr_verify.safetensors"
     out = tmp_path / "fsr_verify_flat.safetensors"
     assert main([str(source), str(out), "--data", str(prepared), "--faces", "40", "--threads", "2"]) == 0
@@ -90,7 +82,6 @@ def test_the_correction_command_writes_a_corrected_export_with_its_record(prepar
     assert [round(v, 3) for v in flat_field_range(corrected.upscale)] == record["flat_field_range_after"]
 
 
-
 def test_the_phase_penalty_of_fsr_train_pulls_the_upsampler_against_the_grid(prepared, tmp_path):
     """`loss.phase` (the mean square of the batch's 4x4 SR - HR phase means): on real faces its
     gradient on the upsampler bias points along a planted grid, so gradient descent takes the
@@ -98,8 +89,6 @@ def test_the_phase_penalty_of_fsr_train_pulls_the_upsampler_against_the_grid(pre
     from typer.testing import CliRunner
 
     from fsr.cli import app
-    from fsr.models.phase import phase_means
-    from fsr.models.systems import load_generator_file
 
     source = SHIPPED_WEIGHTS_DIR / "fsr_celeba.safetensors"
     generator, card = load_generator_file(source)

@@ -60,15 +60,20 @@ def phase_pattern(upscale, lr: torch.Tensor, hr: torch.Tensor, batch: int = 64) 
     return total / lr.shape[0]
 
 
+def peak_to_peak_grey_levels(pattern: torch.Tensor) -> float:
+    """Largest minus smallest value of a (C, 4, 4) pattern in [0, 1] units, in grey levels (0..255)."""
+    return float((pattern.amax() - pattern.amin()) * 255)
+
+
 def flat_field_range(upscale, levels: tuple[float, ...] = (0.2, 0.5, 0.8), side: int = 48) -> list[float]:
-    """Peak-to-peak (grey levels, 0..255) of the phase means of SR - bicubic on flat grey LR
-    images, one per level, away from the borders: 0 for a generator without a fixed pattern."""
+    """Peak-to-peak (grey levels, 0..255; the largest over the colours) of the phase means of
+    SR - bicubic on flat grey LR images, one per level, away from the borders: 0 for a generator
+    without a fixed pattern."""
     ranges = []
     for level in levels:
         flat = torch.full((1, 3, side, side), float(level))
-        residual = (upscale(flat).float().cpu() - bicubic_up(flat, SCALE)) * 255
-        inner = residual[:, :, 32:-32, 32:-32]
-        cells = inner.reshape(1, 3, inner.shape[2] // SCALE, SCALE, inner.shape[3] // SCALE, SCALE).mean(dim=(0, 2, 4))
+        residual = upscale(flat).float().cpu() - bicubic_up(flat, SCALE)
+        cells = phase_means(residual[:, :, 32:-32, 32:-32]) * 255
         ranges.append(float((cells.amax(dim=(1, 2)) - cells.amin(dim=(1, 2))).max()))
     return ranges
 
@@ -116,17 +121,14 @@ def correct_export(src: str | Path, out: str | Path, data: list[str], per_set: i
         "faces": int(lr.shape[0]),
         "data": [f"{d} (train split, {per_set} faces, seed {seed})" for d in data],
         "pattern_grey_levels": [[[round(float(v) * 255, 3) for v in row] for row in colour] for colour in pattern],
-        "pattern_peak_to_peak_grey_levels": round(float((pattern.amax() - pattern.amin()) * 255), 3),
+        "pattern_peak_to_peak_grey_levels": round(peak_to_peak_grey_levels(pattern), 3),
         "flat_field_range_before": [round(v, 3) for v in before],
         "date": date.today().isoformat(),
         "command": command,
     }
-    corrected = card.with_changes(extra={**card.extra, "phase_correction": record})
-    export_sr_model(state, out, corrected)
-    after = flat_field_range(load_sr_system(str(out), Compute.create("cpu")).upscale)
-    record["flat_field_range_after"] = [round(v, 3) for v in after]
-    corrected = card.with_changes(extra={**card.extra, "phase_correction": record})
-    export_sr_model(state, out, corrected)
+    system.model.load_state_dict(state)  # the corrected generator, measured before it is written
+    record["flat_field_range_after"] = [round(v, 3) for v in flat_field_range(system.upscale)]
+    export_sr_model(state, out, card.with_changes(extra={**card.extra, "phase_correction": record}))
     return record
 
 
