@@ -59,6 +59,7 @@ from fsr.core.io import (
     atomic_write_text,
     check_image_suffix,
     describe_os_error,
+    grey_channel,
     list_image_files,
     output_collisions,
     pixel_max,
@@ -262,8 +263,9 @@ class OutputWriteError(OSError):
 
 
 def output_suffix(input_path: Path, out_format: str) -> str:
+    """The output's suffix: the input's as it is spelt (``IMG_1.JPG`` stays ``.JPG``), or the format's."""
     if out_format == "same":
-        return input_path.suffix.lower()
+        return input_path.suffix
     return "." + out_format
 
 
@@ -422,8 +424,11 @@ def _prefetch(fn: Callable, items: Iterable, pool: ThreadPoolExecutor, window: i
         yield pending.popleft().result()
 
 
-def _write(job: Job, rgb: np.ndarray, alpha: np.ndarray | None, quality: int) -> None:
-    """Write one output atomically; a file-system failure becomes :class:`OutputWriteError`."""
+def _write(job: Job, rgb: np.ndarray, alpha: np.ndarray | None, quality: int, *, grey: bool = False) -> None:
+    """Write one output atomically, one grey channel for a grey input (``grey``); a file-system
+    failure becomes :class:`OutputWriteError`."""
+    if grey:
+        rgb = grey_channel(rgb)
     try:
         # only temporaries of this very output (``.NAME.xxxxxxxx.tmp``) that a killed run left
         remove_stale_temporaries(job.output.parent, lambda target: target == job.output.name)
@@ -735,7 +740,7 @@ def run_photo_job(item: _Loaded, models: RunModels, options: UpscaleOptions) -> 
     t0 = time.perf_counter()
     try:
         photo = upscale_photo(image, models, options)
-        _write(item.job, photo.rgb, photo.alpha, options.quality)
+        _write(item.job, photo.rgb, photo.alpha, options.quality, grey=image.grey)
     except OutputWriteError as exc:
         if exc.disk_unusable:
             raise
@@ -775,7 +780,7 @@ def run_crop_jobs(items: list[_Loaded], models: RunModels, options: UpscaleOptio
         item.image = None
         try:
             alpha = None if image.alpha is None else classical_upscale(image.alpha, options.scale, options.tile)
-            _write(item.job, rgb, alpha, options.quality)
+            _write(item.job, rgb, alpha, options.quality, grey=image.grey)
         except OutputWriteError as exc:
             if exc.disk_unusable:
                 raise

@@ -68,13 +68,17 @@ def test_grayscale_rgba_cmyk_and_16bit(tmp_path, face_rgb):
     gray = np.asarray(Image.fromarray(face_rgb).convert("L"))
     Image.fromarray(gray).save(tmp_path / "gray.png")
     image = read_image(tmp_path / "gray.png")
-    assert image.rgb.shape == (250, 250, 3)
+    assert image.rgb.shape == (250, 250, 3) and image.grey
     np.testing.assert_array_equal(image.rgb[..., 0], gray)
     np.testing.assert_array_equal(image.rgb[..., 2], gray)
+    # a grey picture saved as RGB holds no colour either; a colour photo does
+    Image.fromarray(gray).convert("RGB").save(tmp_path / "gray_rgb.png")
+    assert read_image(tmp_path / "gray_rgb.png").grey and not read_image(FACE).grey
 
     alpha = np.tile(np.linspace(0, 255, 250).astype(np.uint8), (250, 1))
     Image.fromarray(np.dstack([face_rgb, alpha])).save(tmp_path / "rgba.png")
     image = read_image(tmp_path / "rgba.png")
+    assert not image.grey
     np.testing.assert_array_equal(image.rgb, face_rgb)
     np.testing.assert_array_equal(image.alpha, alpha)
 

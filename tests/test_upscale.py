@@ -260,6 +260,34 @@ def test_alpha_channel_is_kept(tmp_path, tiny_model, compute):
     assert face_out.rgb.shape == (64, 64, 3) and face_out.alpha is not None and (face_out.alpha == 77).all()
 
 
+def test_grey_face_stays_grey_and_output_names_keep_the_inputs_suffix(tmp_path, compute):
+    """A grey face (an old print, an infrared camera) comes back as one grey channel, still
+    closer to the real face than bicubic, instead of picking up the faint colour an RGB model
+    leaves; a colour face next to it stays colour, and a camera's ``.JPG`` stays ``.JPG``."""
+    import cv2
+
+    hr = centre_crop(lfw_faces(3)[2], 128)
+    grey_hr = np.asarray(Image.fromarray(hr).convert("L"))
+    grey_lr = np.asarray(Image.fromarray(grey_hr).resize((32, 32), Image.BICUBIC))
+    src = tmp_path / "in"
+    src.mkdir()
+    Image.fromarray(grey_lr).save(src / "print.png")
+    Image.fromarray(centre_crop(lfw_faces(3)[1], 32)).save(src / "IMG_0001.JPG", quality=95)
+    summary = upscale_path(src, tmp_path / "out", options(model="default", mode="faces"), compute)
+    assert {r.status for r in summary.results} == {"done"}
+    assert sorted(p.name for p in (tmp_path / "out").iterdir() if not p.name.startswith(".")) == ["IMG_0001.JPG", "print.png"]
+    grey_out = cv2.imread(str(tmp_path / "out" / "print.png"), cv2.IMREAD_UNCHANGED)
+    assert grey_out.shape == (128, 128) and grey_out.dtype == np.uint8
+    colour_out = read_image(tmp_path / "out" / "IMG_0001.JPG")
+    assert not colour_out.grey and np.abs(np.diff(colour_out.rgb.astype(int), axis=2)).mean() > 5
+
+    def psnr(x: np.ndarray) -> float:
+        return float(10 * np.log10(255.0**2 / np.mean((x.astype(float) - grey_hr.astype(float)) ** 2)))
+
+    bicubic = np.asarray(Image.fromarray(grey_lr).resize((128, 128), Image.BICUBIC))
+    assert psnr(grey_out) > psnr(bicubic) + 1.0, (psnr(grey_out), psnr(bicubic))
+
+
 # ----------------------------------------------------------------------------- robustness
 
 

@@ -1,7 +1,8 @@
 """Image reading and atomic writing, used by every subcommand.
 
 Reading: JPEG, PNG, WebP, BMP, TIFF; EXIF orientation applied; grayscale, palette,
-CMYK and RGBA inputs become RGB (+ alpha kept separately); 16-bit PNG/TIFF keep 16 bits;
+CMYK and RGBA inputs become RGB (+ alpha kept separately), and an image without colour is
+marked ``grey`` so that its output can be grey again; 16-bit PNG/TIFF keep 16 bits;
 a declared size above ``max_pixels`` is refused before decoding (decompression bombs);
 a corrupt, truncated, empty or non-image file raises :class:`ImageReadError`, whose
 message is one line naming the file and the reason.
@@ -64,11 +65,14 @@ class LoadedImage:
     """A decoded image in display orientation.
 
     rgb: (H, W, 3) uint8 or uint16, RGB order. alpha: (H, W) of the same dtype, or None.
+    grey: the file holds no colour (one grey channel, or three equal ones); models still see
+    three channels, and :func:`grey_channel` turns their output back into one.
     """
 
     rgb: np.ndarray
     alpha: np.ndarray | None
     path: str
+    grey: bool = False
 
     @property
     def max_value(self) -> int:
@@ -198,11 +202,19 @@ def read_image(path: str | os.PathLike, *, max_pixels: int = DEFAULT_MAX_PIXELS)
             except Exception as exc:  # noqa: BLE001
                 raise ImageReadError(path, f"unsupported pixel format {pil.mode} ({exc})") from None
     rgb, alpha = arrays
+    grey = bool(np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 1], rgb[..., 2]))
     if orientation != 1:
         rgb = np.ascontiguousarray(apply_exif_orientation(rgb, orientation))
         if alpha is not None:
             alpha = np.ascontiguousarray(apply_exif_orientation(alpha, orientation))
-    return LoadedImage(rgb=rgb, alpha=alpha, path=str(path))
+    return LoadedImage(rgb=rgb, alpha=alpha, path=str(path), grey=grey)
+
+
+def grey_channel(rgb: np.ndarray) -> np.ndarray:
+    """(H, W, 3) uint8/uint16 -> (H, W) of the same dtype: the mean of the three channels, for the
+    output of a grey input (an RGB model leaves faint colour on a grey face)."""
+    mean = rgb.astype(np.float32).mean(axis=2)
+    return np.round(mean).astype(rgb.dtype)
 
 
 def to_tensor(array: np.ndarray) -> torch.Tensor:
@@ -278,13 +290,16 @@ def write_json(path: str | os.PathLike, data: object) -> None:
 
 
 def encode_image(path: str | os.PathLike, rgb: np.ndarray, alpha: np.ndarray | None = None, *, quality: int = 95) -> bytes:
-    """Encode (H, W, 3) RGB uint8/uint16 (+ alpha) in the format named by ``path``'s suffix."""
+    """Encode (H, W, 3) RGB or (H, W) grey, uint8/uint16 (+ alpha), in the format named by
+    ``path``'s suffix. Grey with alpha is written as RGBA with three equal channels."""
     suffix = Path(path).suffix.lower()
     if suffix not in IMAGE_EXTENSIONS:
         raise ValueError(f"{path}: unsupported output format '{suffix}' (use one of {', '.join(IMAGE_EXTENSIONS)})")
-    bgr = cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2BGR)
     if alpha is not None and suffix in (".jpg", ".jpeg", ".bmp"):
         alpha = None  # these formats have no alpha channel
+    if rgb.ndim == 2:
+        rgb = np.repeat(rgb[..., None], 3, axis=2) if alpha is not None or suffix == ".webp" else rgb
+    bgr = np.ascontiguousarray(rgb) if rgb.ndim == 2 else cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2BGR)
     if alpha is not None:
         bgr = np.dstack([bgr, alpha.astype(bgr.dtype)])
     if bgr.dtype == np.uint16 and suffix not in (".png", ".tif", ".tiff"):
@@ -401,8 +416,8 @@ def check_image_suffix(path: str | os.PathLike, what: str = "input") -> None:
 def output_collisions(pairs: list[tuple[Path, Path]]) -> list[tuple[Path, Path, Path]]:
     """(first input, second input, shared output) for inputs whose outputs would be the same file.
 
-    Output paths are compared case-insensitively (``b.jpg`` and ``b.JPG`` both give ``b.jpg``;
-    on macOS and Windows ``B.png`` and ``b.png`` are one file too).
+    Output paths are compared case-insensitively (``b.jpg`` and ``b.JPG`` are one file on macOS
+    and Windows, and look like one to a person).
     """
     seen: dict[str, Path] = {}
     clashes = []
