@@ -138,15 +138,16 @@ def test_fast_model_is_the_recorded_interpolation_of_the_two_shipped_models(tmp_
 
 def test_verification_model_is_the_default_recipe_with_more_identity_weight_and_records_its_sweep():
     """weights/fsr_verify: checksummed, the 12-block fsr_deep fine-tuned with three times the
-    identity weight (Eq. 5) of the default of its day (the 12-block default, which the current
-    default's card names as the file it replaced), a lower dlib distance than that default on
+    identity weight (Eq. 5) of the default of its day (the 12-block default, whose figures its card
+    keeps in ``compared_with``), a lower dlib distance than that default on
     every held-out set, and the LFW sweep it was shipped on: at or above bicubic at every alpha
     from 0.3 to 1, an average above that default's and above the file it replaces, and 'same
     person' for every example crop."""
     weights = SHIPPED_WEIGHTS_DIR / "fsr_verify.safetensors"
     assert shipped_checksums()[weights.name] == sha256_file(weights)
     card, default = _shipped_card("fsr_verify"), _shipped_card(DEFAULT_MODEL_NAME)
-    default_of_its_day = default["replaces"]
+    default_of_its_day = card["compared_with"]
+    assert default_of_its_day["sha256"] not in (card["sha256"], default["sha256"])
     assert card["sha256"] == sha256_file(weights) and card["arch_args"]["nb"] == 12
     config = card["config"]
     assert config["model"]["init_weights"] == "weights/fsr_deep.safetensors"
