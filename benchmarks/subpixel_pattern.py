@@ -1,9 +1,12 @@
-"""The fixed 4x4 sub-pixel pattern of SR models (``fsr.models.phase``), side by side.
+"""The fixed errors of SR models side by side: the 4x4 sub-pixel pattern (``fsr.models.phase``)
+and colour shift.
 
 For each model: the peak-to-peak (grey levels, 0..255) of the 16 phase means of SR - bicubic on
 flat grey LR images at 0.2 / 0.5 / 0.8 (0 for a model without a fixed pattern), and on a prepared
 set of faces the peak-to-peak of the mean SR - HR pattern (real SR has none: HR - bicubic gives
-about 0.06) with the PSNR. Prints a table and the machine; ``--json`` writes the figures.
+about 0.06), the PSNR, the mean SR - HR per colour channel, and each face's colour shift
+(:func:`fsr.evaluate.metrics.colour_shift`, mean and largest over the faces). Prints a table and
+the machine; ``--json`` writes the figures.
 
 Usage:
   python benchmarks/subpixel_pattern.py --data scratch/celeba_test_m0.25 \\
@@ -22,7 +25,7 @@ from rich.table import Table
 
 from fsr.core.device import Compute, machine_description
 from fsr.data.dataset import load_face_arrays
-from fsr.evaluate.metrics import pixel_metrics
+from fsr.evaluate.metrics import colour_shift, pixel_metrics
 from fsr.models.phase import flat_field_range, peak_to_peak_grey_levels, phase_means
 from fsr.models.systems import load_sr_system
 
@@ -45,17 +48,23 @@ def main() -> None:
         system = load_sr_system(spec, compute)
         sr = system.upscale(lr)
         pattern = phase_means(sr - hr)
+        shift = colour_shift(sr.clamp(0, 1), hr)
         rows[spec] = {
             "flat_field_range_grey_levels": [round(v, 3) for v in flat_field_range(system.upscale)],
             "face_pattern_peak_to_peak_grey_levels": round(peak_to_peak_grey_levels(pattern), 3),
             "psnr_rgb": round(float(pixel_metrics(sr.clamp(0, 1), hr)["psnr_rgb"].mean()), 3),
+            "mean_error_rgb_grey_levels": [round(float(v), 3) for v in (sr.clamp(0, 1) - hr).mean(dim=(0, 2, 3)) * 255],
+            "colour_shift_grey_levels_mean_max": [round(float(shift.mean()), 3), round(float(shift.max()), 3)],
         }
-    table = Table(title=f"fixed 4x4 sub-pixel pattern ({len(lr)} faces of {args.data})")
-    for column in ("model", "flat 0.2 / 0.5 / 0.8 (p-p)", "mean pattern on faces (p-p)", "PSNR (dB)"):
+    table = Table(title=f"fixed 4x4 sub-pixel pattern and colour ({len(lr)} faces of {args.data})")
+    for column in ("model", "flat 0.2 / 0.5 / 0.8 (p-p)", "mean pattern on faces (p-p)", "PSNR (dB)",
+                   "mean SR - HR, R / G / B", "colour shift per face, mean / max"):
         table.add_column(column, justify="left" if column == "model" else "right")
     for spec, row in rows.items():
         table.add_row(spec, " / ".join(f"{v:.2f}" for v in row["flat_field_range_grey_levels"]),
-                      f"{row['face_pattern_peak_to_peak_grey_levels']:.2f}", f"{row['psnr_rgb']:.3f}")
+                      f"{row['face_pattern_peak_to_peak_grey_levels']:.2f}", f"{row['psnr_rgb']:.3f}",
+                      " / ".join(f"{v:+.2f}" for v in row["mean_error_rgb_grey_levels"]),
+                      " / ".join(f"{v:.2f}" for v in row["colour_shift_grey_levels_mean_max"]))
     console = Console()
     console.print(table)
     machine = machine_description()

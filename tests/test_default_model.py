@@ -238,6 +238,18 @@ def test_celeba_models_restore_held_out_celeba_faces_better_than_the_fast_model(
     assert deep > celeba > fast > bicubic + 1.5, (bicubic, fast, celeba, deep)
 
 
+@pytest.mark.parametrize("model_name", ["default", "fsr_ipfsrgan"])
+def test_shipped_model_keeps_the_colour_of_unseen_faces(model_name):
+    """No colour shift (a complaint about face restorers): on held-out CelebA faces each face's
+    SR - HR mean moves no colour channel more than 1 grey level away from the other two."""
+    from fsr.evaluate.metrics import colour_shift
+
+    hr_t = _held_out_celeba_faces()
+    sr = load_sr_system(model_name, Compute.create("cpu", batch_size=24))(_lr_faces(hr_t)).clamp(0, 1)
+    shift = colour_shift(sr, hr_t)
+    assert float(shift.max()) < 1.0, shift
+
+
 def test_default_keeps_identity_better_than_the_models_it_replaced_on_held_out_faces():
     """On held-out CelebA faces (never trained or tuned on), the default (fsr_deep fine-tuned
     with the identity loss) is nearer the real face in dlib's identity space than fsr_fast (the

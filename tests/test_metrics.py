@@ -16,7 +16,7 @@ from fsr.cli import app
 from fsr.core.io import read_image, to_tensor, write_image
 from fsr.data.degrade import bicubic_down, bicubic_up, quantise_8bit
 from fsr.evaluate.grid import grid_positions
-from fsr.evaluate.metrics import difference_map, pixel_metrics, save_heatmap
+from fsr.evaluate.metrics import colour_shift, difference_map, pixel_metrics, save_heatmap
 from tests.conftest import LFW_DIR
 
 FACES = ["Aaron_Eckhart/Aaron_Eckhart_0001.jpg", "Abel_Pacheco/Abel_Pacheco_0001.jpg", "Aaron_Peirsol/Aaron_Peirsol_0001.jpg"]
@@ -108,6 +108,18 @@ def test_constant_offset_has_a_closed_form_answer(faces):
     same = pixel_metrics(_batch([hr]), _batch([hr]))
     assert same["mse"][0] == 0 and same["ssim"][0] == pytest.approx(1.0, abs=1e-6)
     assert m["ssim"][0] < 1.0
+
+
+def test_colour_shift_counts_a_tint_and_not_a_brightening(faces):
+    """On a real face: +6 grey levels on red alone is a tint of 4 (6 less the 2 of the mean over the
+    channels), +6 on all three a brightening (no colour shift), and bicubic x4 none to speak of."""
+    hr = (faces[0].astype(np.float64) * 0.9).round().astype(np.uint8)  # no clipping at +6
+    tinted, brighter = hr.astype(np.int16), hr.astype(np.int16) + 6
+    tinted[..., 0] += 6
+    shift = colour_shift(_batch([tinted.astype(np.uint8), brighter.astype(np.uint8)]), _batch([hr, hr]))
+    assert shift[0].item() == pytest.approx(4.0, abs=1e-3) and shift[1].item() == pytest.approx(0.0, abs=1e-3)
+    hr_t = _batch(faces[:1])
+    assert colour_shift(quantise_8bit(bicubic_up(bicubic_down(hr_t, 4), 4)), hr_t)[0].item() < 0.5
 
 
 def test_worse_degradation_scores_worse(faces):

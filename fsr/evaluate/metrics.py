@@ -92,6 +92,14 @@ def pixel_metrics(sr: torch.Tensor, hr: torch.Tensor) -> dict[str, np.ndarray]:
     }
 
 
+def colour_shift(sr: torch.Tensor, hr: torch.Tensor) -> torch.Tensor:
+    """How far SR moves a face's colour: per image, the largest distance of one channel's mean
+    SR - HR from the mean over the three channels (a uniform brightening is no colour shift).
+    (N, 3, H, W) in [0, 1] -> (N,) in grey levels (0..255)."""
+    bias = (sr.float() - hr.float()).mean(dim=(2, 3)) * 255.0  # (N, 3)
+    return (bias - bias.mean(dim=1, keepdim=True)).abs().amax(dim=1)
+
+
 def difference_map(sr: torch.Tensor, hr: torch.Tensor) -> torch.Tensor:
     """Fig. 6: per-pixel max over RGB of |SR - HR|. (N, 3, H, W) in [0, 1] -> (N, H, W) in 0..255."""
     return (sr.float() - hr.float()).abs().amax(dim=1) * 255.0
