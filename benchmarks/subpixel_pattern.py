@@ -47,13 +47,14 @@ def main() -> None:
     for spec in ["bicubic"] + [m for m in args.models.split(",") if m]:
         system = load_sr_system(spec, compute)
         sr = system.upscale(lr)
-        pattern = phase_means(sr - hr)
-        shift = colour_shift(sr.clamp(0, 1), hr)
+        pattern = phase_means(sr - hr)  # unclamped, as fsr.models.phase measures it
+        sr = sr.clamp(0, 1)
+        shift = colour_shift(sr, hr)
         rows[spec] = {
             "flat_field_range_grey_levels": [round(v, 3) for v in flat_field_range(system.upscale)],
             "face_pattern_peak_to_peak_grey_levels": round(peak_to_peak_grey_levels(pattern), 3),
-            "psnr_rgb": round(float(pixel_metrics(sr.clamp(0, 1), hr)["psnr_rgb"].mean()), 3),
-            "mean_error_rgb_grey_levels": [round(float(v), 3) for v in (sr.clamp(0, 1) - hr).mean(dim=(0, 2, 3)) * 255],
+            "psnr_rgb": round(float(pixel_metrics(sr, hr)["psnr_rgb"].mean()), 3),
+            "mean_error_rgb_grey_levels": [round(float(v), 3) for v in (sr - hr).mean(dim=(0, 2, 3)) * 255],
             "colour_shift_grey_levels_mean_max": [round(float(shift.mean()), 3), round(float(shift.max()), 3)],
         }
     table = Table(title=f"fixed 4x4 sub-pixel pattern and colour ({len(lr)} faces of {args.data})")

@@ -297,8 +297,8 @@ def encode_image(path: str | os.PathLike, rgb: np.ndarray, alpha: np.ndarray | N
         raise ValueError(f"{path}: unsupported output format '{suffix}' (use one of {', '.join(IMAGE_EXTENSIONS)})")
     if alpha is not None and suffix in (".jpg", ".jpeg", ".bmp"):
         alpha = None  # these formats have no alpha channel
-    if rgb.ndim == 2:  # one grey channel, except beside alpha and in WebP (OpenCV's WebP is colour only)
-        rgb = np.repeat(rgb[..., None], 3, axis=2) if alpha is not None or suffix == ".webp" else rgb
+    if rgb.ndim == 2 and (alpha is not None or suffix == ".webp"):  # OpenCV's WebP is colour only
+        rgb = np.repeat(rgb[..., None], 3, axis=2)
     bgr = np.ascontiguousarray(rgb) if rgb.ndim == 2 else cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2BGR)
     if alpha is not None:
         bgr = np.dstack([bgr, alpha.astype(bgr.dtype)])
