@@ -171,7 +171,8 @@ def test_verify_sweep_cli_writes_outputs_and_resumes(prepared):
     assert json.loads((out / "sweep.json").read_text())["systems"] == summary["systems"]
     card_path = tiny.with_suffix(".json")
     card = json.loads(card_path.read_text())
-    card_path.write_text(json.dumps({**card, "heldout": {"psnr_gain_db": 1.0}}))  # a new measurement only
+    # a new measurement, or a new validated face-size range (it routes faces in `fsr upscale` only)
+    card_path.write_text(json.dumps({**card, "heldout": {"psnr_gain_db": 1.0}, "lr_face_range": [12.0, 80.0]}))
     assert CliRunner().invoke(app, args).exit_code == 0
     assert sorted(p.name for p in (out / "cache").glob("*.npy")) == cached
     # the same weights under another name (a copy, as `default` and `fsr_default` are one file)

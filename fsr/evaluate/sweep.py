@@ -225,9 +225,10 @@ def _model_fingerprint(model: torch.nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
-# The card fields that change what a system outputs; the rest of a card (measurements, notes)
-# can be updated without invalidating cached embeddings.
-OUTPUT_CARD_FIELDS = ("architecture", "arch_args", "scale", "input_size", "lr_face_range")
+# The card fields that change what a system outputs in a sweep; the rest of a card (measurements,
+# notes, the validated ``lr_face_range`` that only routes faces in ``fsr upscale``) can be updated
+# without invalidating cached embeddings.
+OUTPUT_CARD_FIELDS = ("architecture", "arch_args", "scale", "input_size")
 
 
 def _system_fingerprint(system) -> str:
