@@ -229,6 +229,10 @@ def test_verify_two_photos(tmp_path):
     assert "SR bicubic x4" in sr.output
     bad = runner.invoke(app, ["verify", str(a), str(tmp_path / "nothing.jpg"), "--device", "cpu"])
     assert bad.exit_code != 0 and "nothing.jpg" in bad.output
+    # a thumbnail too small to hold a detectable face: the one-line reason gives its size
+    write_image(tmp_path / "thumb.png", np.ascontiguousarray(rgb[::32, ::32]))
+    thumb = runner.invoke(app, ["verify", str(a), str(tmp_path / "thumb.png"), "--system", "bicubic", "--device", "cpu"])
+    assert thumb.exit_code != 0 and "thumb.png: no face found in the 8x8 px image" in " ".join(thumb.output.split())
 
 
 @pytest.mark.parametrize("system", ["default", "fsr_verify"])

@@ -84,7 +84,9 @@ def extract_face(path: str | Path, detector, system: SRSystem, sr_threshold: flo
     face = main_face(faces)
     if face is None:
         reasons = "; ".join(sorted({f.rejected for f in faces}))
-        raise PairVerifyError(f"{path}: no face found" + (f" (rejected: {reasons})" if reasons else ""))
+        height, width = rgb.shape[:2]
+        raise PairVerifyError(f"{path}: no face found in the {width}x{height} px image"
+                              + (f" (rejected: {reasons})" if reasons else ""))
     lr_range = None if system.card is None else system.card.lr_face_range
     window = face_window(face, margin)
     small = routes_to_sr(face.side, lr_range, sr_threshold)
