@@ -12,6 +12,12 @@ imports; ``--repo DIR`` puts a checkout first on ``PYTHONPATH`` instead.
 
 The 200 LFW images are the first 200 of ``lfw-deepfunneled`` in sorted path order,
 copied under ``WORK/lfw200/<person>/`` so the identity is the folder name.
+
+The last bits of float results depend on the CPU's vector instructions (AVX2 and AVX-512
+kernels round differently), so digests compare only on one kind of machine: the record names
+the machine it was made on, and ``--check`` says when it runs on another. To check a change,
+record with the code before it (``--repo`` an earlier checkout) and check with the code after,
+on the same machine.
 """
 
 from __future__ import annotations
@@ -24,6 +30,8 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+from fsr.core.device import machine_description
 
 HERE = Path(__file__).resolve().parent
 EXAMPLES = HERE.parent / "examples"
@@ -53,7 +61,10 @@ def run_fsr(args: list[str], repo: Path | None) -> None:
     env = dict(os.environ)
     if repo is not None:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(repo), env.get("PYTHONPATH", "")]))
-    done = subprocess.run([sys.executable, "-m", "fsr.cli", *args], env=env, capture_output=True, text=True)
+    # `python -m` puts the working directory first on sys.path: run inside `repo`, so that a
+    # checkout's own fsr is imported and not the one of the folder this script was started from
+    done = subprocess.run([sys.executable, "-m", "fsr.cli", *args], env=env, capture_output=True, text=True,
+                          cwd=repo)
     if done.returncode != 0:
         raise SystemExit(f"fsr {' '.join(args)} failed ({done.returncode}):\n{done.stderr[-2000:]}")
 
@@ -86,9 +97,10 @@ def produce(work: Path, lfw: Path, repo: Path | None) -> dict[str, dict[str, str
 
 
 def compare(recorded: dict[str, dict[str, str]], current: dict[str, dict[str, str]]) -> list[str]:
-    """One line per file that is missing, extra or different between the two digest sets."""
+    """One line per file that is missing, extra or different between the two digest sets
+    (the record's ``machine`` line is not a run)."""
     problems = []
-    for run in sorted(set(recorded) | set(current)):
+    for run in sorted((set(recorded) | set(current)) - {"machine"}):
         old, new = recorded.get(run, {}), current.get(run, {})
         for name in sorted(set(old) | set(new)):
             if name not in new:
@@ -110,14 +122,20 @@ def main() -> None:
     parser.add_argument("--lfw", type=Path, default=LFW, help="the lfw-deepfunneled folder")
     parser.add_argument("--repo", type=Path, default=None, help="put this checkout first on PYTHONPATH")
     args = parser.parse_args()
+    args.work, args.lfw = args.work.resolve(), args.lfw.resolve()  # the commands may run in --repo
     args.work.mkdir(parents=True, exist_ok=True)
     current = produce(args.work, args.lfw, args.repo)
     counts = ", ".join(f"{run}: {len(files)} files" for run, files in current.items())
+    machine = machine_description()
     if args.record:
-        args.digests.write_text(json.dumps(current, indent=1, sort_keys=True) + "\n")
-        print(f"recorded {counts} in {args.digests}")
+        args.digests.write_text(json.dumps({"machine": machine, **current}, indent=1, sort_keys=True) + "\n")
+        print(f"recorded {counts} in {args.digests} ({machine})")
         return
-    problems = compare(json.loads(args.digests.read_text()), current)
+    recorded = json.loads(args.digests.read_text())
+    if recorded.get("machine") != machine:
+        print(f"note: recorded on {recorded.get('machine', 'an unnamed machine')}; this is {machine}: "
+              "float rounding differs between CPU kinds")
+    problems = compare(recorded, current)
     for line in problems:
         print(line)
     print(f"{'DIFFERENT' if problems else 'identical'}: {counts}")

@@ -200,7 +200,10 @@ def precision_name(dtype: torch.dtype) -> str:
 def machine_description() -> str:
     """One line naming this machine's compute (for benchmark output)."""
     parts = [platform.platform(), f"python {platform.python_version()}", f"torch {torch.__version__}"]
-    parts.append(f"cpu cores {os.cpu_count()}" + (" (native bf16)" if cpu_has_native_bf16() else ""))
+    # the vector instruction set torch's CPU kernels use (AVX2, AVX512, ...): CPU speed and the
+    # last bits of float results depend on it
+    parts.append(f"cpu cores {os.cpu_count()} ({torch.backends.cpu.get_cpu_capability()}"
+                 + (", native bf16)" if cpu_has_native_bf16() else ")"))
     if torch.cuda.is_available():
         parts.append(f"gpu {torch.cuda.get_device_name(0)} x{torch.cuda.device_count()}")
     else:

@@ -46,17 +46,23 @@ class SRSystem:
             compute = self.compute or Compute.create("cpu")
             self.compute = compute
             self.model = self.model.to(compute.device).eval()
-            if compute.device.type == "cuda":
+            if self._channels_last:
                 self.model = self.model.to(memory_format=torch.channels_last)
             for p in self.model.parameters():
                 p.requires_grad_(False)
             self._sizer = BatchSizer(compute.batch_size)
 
+    @property
+    def _channels_last(self) -> bool:
+        """NHWC tensors and weights: on GPUs, and on CPUs, where oneDNN's convolutions ran the
+        16-block default 1.4-1.5x faster than NCHW (AVX2 CPU; benchmarks/RESULTS.md)."""
+        return self.compute is not None and self.compute.device.type in ("cuda", "cpu")
+
     @torch.inference_mode()
     def _forward(self, lr: torch.Tensor) -> torch.Tensor:
         assert self.compute is not None and self.model is not None
         x = lr.to(self.compute.device, non_blocking=True).float()
-        if self.compute.device.type == "cuda":
+        if self._channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with self.compute.autocast():
             y = self_ensemble(self.model, x) if self.self_ensemble else self.model(x)
