@@ -8,7 +8,7 @@ depend on the machine's core count), hashes every output file and either records
 (``--record``) or compares them with the recorded ones (``--check``, exit status 1 on any
 difference, each differing file named). Files that hold timings (``summary.json``, the
 journal, the upscale report) are left out. The fsr that runs is the one ``python -m fsr.cli``
-imports; ``--repo DIR`` puts a checkout first on ``PYTHONPATH`` instead.
+imports; ``--repo DIR`` runs them inside a checkout, first on ``PYTHONPATH``, instead.
 
 The 200 LFW images are the first 200 of ``lfw-deepfunneled`` in sorted path order,
 copied under ``WORK/lfw200/<person>/`` so the identity is the folder name.
@@ -120,7 +120,7 @@ def main() -> None:
     parser.add_argument("--digests", type=Path, default=DEFAULT_DIGESTS, help="the digest file (JSON)")
     parser.add_argument("--work", type=Path, default=Path("/tmp/fsr-output-digests"), help="scratch folder for outputs")
     parser.add_argument("--lfw", type=Path, default=LFW, help="the lfw-deepfunneled folder")
-    parser.add_argument("--repo", type=Path, default=None, help="put this checkout first on PYTHONPATH")
+    parser.add_argument("--repo", type=Path, default=None, help="run the commands inside this checkout, with it first on PYTHONPATH")
     args = parser.parse_args()
     args.work, args.lfw = args.work.resolve(), args.lfw.resolve()  # the commands may run in --repo
     args.work.mkdir(parents=True, exist_ok=True)
