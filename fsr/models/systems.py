@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from fsr.core.batching import BatchSizer, run_batched
-from fsr.core.device import Compute
+from fsr.core.device import Compute, channels_last_for_inference
 from fsr.core.resize import bicubic_up
 from fsr.core.weights import WeightsError, find_weights
 from fsr.models.sr import ModelCard, load_sr_model, read_card
@@ -54,9 +54,7 @@ class SRSystem:
 
     @property
     def _channels_last(self) -> bool:
-        """NHWC tensors and weights: on GPUs, and on CPUs, where oneDNN's convolutions ran the
-        16-block default 1.4-1.5x faster than NCHW (AVX2 CPU; benchmarks/RESULTS.md)."""
-        return self.compute is not None and self.compute.device.type in ("cuda", "cpu")
+        return self.compute is not None and channels_last_for_inference(self.compute.device)
 
     @torch.inference_mode()
     def _forward(self, lr: torch.Tensor) -> torch.Tensor:

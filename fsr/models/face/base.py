@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fsr.core.device import Compute
+from fsr.core.device import Compute, channels_last_for_inference
 from fsr.core.weights import WeightsError, find_weights, load_torch_checkpoint, search_dirs, state_dict_mismatch
 from fsr.models.face.align import align_faces, resize_faces
 
@@ -134,9 +134,7 @@ class FaceModel(nn.Module):
 
     def _run(self, images: torch.Tensor, landmarks, return_features: bool):
         x = self.preprocess(self.align(images, landmarks))
-        if not torch.is_grad_enabled() and x.device.type in ("cpu", "cuda"):
-            # inference: NHWC runs dlib's ResNet 1.3-1.5x faster on an AVX2 CPU (benchmarks/RESULTS.md);
-            # training keeps NCHW, where the step's own memory format is chosen (fsr.train.step)
+        if not torch.is_grad_enabled() and channels_last_for_inference(x.device):
             x = x.contiguous(memory_format=torch.channels_last)
         compute = self.compute
         if compute is not None and compute.dtype != torch.float32:
