@@ -50,6 +50,7 @@ import torch
 
 from fsr.core.batching import make_progress
 from fsr.core.device import Compute
+from fsr.core.icc import RGB_SPACE, colour_space
 from fsr.core.io import (
     DEFAULT_MAX_PIXELS,
     IMAGE_EXTENSIONS,
@@ -424,15 +425,16 @@ def _prefetch(fn: Callable, items: Iterable, pool: ThreadPoolExecutor, window: i
         yield pending.popleft().result()
 
 
-def _write(job: Job, rgb: np.ndarray, alpha: np.ndarray | None, quality: int, *, grey: bool = False) -> None:
-    """Write one output atomically, one grey channel for a grey input (``grey``); a file-system
-    failure becomes :class:`OutputWriteError`."""
-    if grey:
+def _write(job: Job, rgb: np.ndarray, alpha: np.ndarray | None, quality: int, image: LoadedImage) -> None:
+    """Write one output atomically with its input's colour profile: one grey channel for a grey
+    input (``image.grey``) unless it carries an RGB profile (which only colour data may hold);
+    a file-system failure becomes :class:`OutputWriteError`."""
+    if image.grey and not (image.icc_profile is not None and colour_space(image.icc_profile) == RGB_SPACE):
         rgb = grey_channel(rgb)
     try:
         # only temporaries of this very output (``.NAME.xxxxxxxx.tmp``) that a killed run left
         remove_stale_temporaries(job.output.parent, lambda target: target == job.output.name)
-        write_image(job.output, rgb, alpha, quality=quality)
+        write_image(job.output, rgb, alpha, quality=quality, icc_profile=image.icc_profile)
     except OSError as exc:
         raise OutputWriteError(exc.errno, f"cannot write output {describe_os_error(exc)}") from None
 
@@ -740,7 +742,7 @@ def run_photo_job(item: _Loaded, models: RunModels, options: UpscaleOptions) -> 
     t0 = time.perf_counter()
     try:
         photo = upscale_photo(image, models, options)
-        _write(item.job, photo.rgb, photo.alpha, options.quality, grey=image.grey)
+        _write(item.job, photo.rgb, photo.alpha, options.quality, image)
     except OutputWriteError as exc:
         if exc.disk_unusable:
             raise
@@ -780,7 +782,7 @@ def run_crop_jobs(items: list[_Loaded], models: RunModels, options: UpscaleOptio
         item.image = None
         try:
             alpha = None if image.alpha is None else classical_upscale(image.alpha, options.scale, options.tile)
-            _write(item.job, rgb, alpha, options.quality, grey=image.grey)
+            _write(item.job, rgb, alpha, options.quality, image)
         except OutputWriteError as exc:
             if exc.disk_unusable:
                 raise

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fsr.core.io import ImageReadError, iter_image_files, read_image, write_image
+from fsr.core.icc import usable_profile
+from fsr.core.io import ImageReadError, encode_image, iter_image_files, read_image, write_image
 from tests.conftest import LFW_DIR, WILD_DIR
 
 def make_declared_huge_png(path, width: int, height: int) -> None:
@@ -130,3 +131,49 @@ def test_write_image_is_lossless_png_and_leaves_no_temporaries(tmp_path, face_rg
     np.testing.assert_array_equal(read_image(out).rgb, face_rgb)
     assert sorted(os.listdir(out.parent)) == ["face.png"]
     assert [p.name for p in iter_image_files(tmp_path)] == ["face.png"]
+
+
+def srgb_profile() -> bytes:
+    """A real ICC profile (littlecms's sRGB, as Pillow's ImageCms builds it)."""
+    from PIL import ImageCms
+
+    return ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+
+
+def test_colour_profile_is_read_and_carried_into_every_format_that_holds_one(tmp_path, face_rgb):
+    """A photo's ICC profile comes back byte for byte in PNG, JPEG, WebP and TIFF outputs (also
+    one over 64 KB, which JPEG splits into segments), with pixels identical to the output
+    without it; BMP holds none; a CMYK profile (data fsr turns into RGB) is not carried."""
+    import io
+
+    profile = srgb_profile()
+    Image.fromarray(face_rgb).save(tmp_path / "tagged.jpg", quality=95, icc_profile=profile)
+    assert read_image(tmp_path / "tagged.jpg").icc_profile == profile
+    assert read_image(FACE).icc_profile is None
+    large = bytearray(profile + bytes(150_000))
+    large[:4] = len(large).to_bytes(4, "big")
+    alpha = np.tile(np.linspace(0, 255, 250).astype(np.uint8), (250, 1))
+    for suffix in (".png", ".jpg", ".webp", ".tif"):
+        for icc in (profile, bytes(large)):
+            for transparency in ((None,) if suffix == ".jpg" else (None, alpha)):
+                for quality in (95, 100):  # WebP at 100 is lossless: another bitstream
+                    tagged = encode_image("x" + suffix, face_rgb, transparency, quality=quality, icc_profile=icc)
+                    plain = encode_image("x" + suffix, face_rgb, transparency, quality=quality)
+                    with Image.open(io.BytesIO(tagged)) as image, Image.open(io.BytesIO(plain)) as reference:
+                        assert image.info.get("icc_profile") == icc, (suffix, len(icc), transparency is None, quality)
+                        np.testing.assert_array_equal(np.asarray(image), np.asarray(reference))
+                    decoded = cv2.imdecode(np.frombuffer(tagged, np.uint8), cv2.IMREAD_UNCHANGED)
+                    assert np.array_equal(decoded, cv2.imdecode(np.frombuffer(plain, np.uint8), cv2.IMREAD_UNCHANGED))
+    with Image.open(io.BytesIO(encode_image("x.bmp", face_rgb, icc_profile=profile))) as image:
+        assert "icc_profile" not in image.info
+    cmyk = profile[:16] + b"CMYK" + profile[20:]
+    assert usable_profile(cmyk) is None and usable_profile(b"short") is None
+    # a grey profile is only written into grey output, an RGB one only into colour output
+    grey_profile = profile[:16] + b"GRAY" + profile[20:]
+    grey = face_rgb[..., 1]
+    with Image.open(io.BytesIO(encode_image("x.png", grey, icc_profile=grey_profile))) as image:
+        assert image.mode == "L" and image.info.get("icc_profile") == grey_profile
+    with Image.open(io.BytesIO(encode_image("x.png", face_rgb, icc_profile=grey_profile))) as image:
+        assert "icc_profile" not in image.info
+    with Image.open(io.BytesIO(encode_image("x.png", grey, icc_profile=profile))) as image:
+        assert "icc_profile" not in image.info

@@ -284,6 +284,40 @@ def test_grey_face_stays_grey_and_output_names_keep_the_inputs_suffix(tmp_path, 
     assert _psnr(grey_out, grey_hr) > _psnr(bicubic, grey_hr) + 1.0, (_psnr(grey_out, grey_hr), _psnr(bicubic, grey_hr))
 
 
+def test_outputs_keep_the_inputs_colour_profile(tmp_path, tiny_model, compute):
+    """A photo in a wide-gamut space says so with an ICC profile; dropped, the upscale shows duller
+    and shifted colours in a colour-managed viewer. Every output carries its input's profile,
+    pixels unchanged; a grey file with a grey profile stays grey, and a grey-looking RGB file
+    with an RGB profile stays RGB (a grey PNG cannot hold an RGB profile)."""
+    import cv2
+    from PIL import ImageCms
+
+    profile = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    grey_profile = profile[:16] + b"GRAY" + profile[20:]
+    colour = centre_crop(lfw_faces(2)[0], 32)
+    grey = np.asarray(Image.fromarray(centre_crop(lfw_faces(2)[1], 32)).convert("L"))
+    tagged, plain = tmp_path / "tagged", tmp_path / "plain"
+    for folder, icc, grey_icc in ((tagged, profile, grey_profile), (plain, None, None)):
+        folder.mkdir()
+        Image.fromarray(colour).save(folder / "face.webp", lossless=True, icc_profile=icc)
+        Image.fromarray(grey).save(folder / "print.png", icc_profile=grey_icc)
+        Image.fromarray(grey).convert("RGB").save(folder / "scan.png", icc_profile=icc)
+    opts = options(model=str(tiny_model), mode="faces", threshold=0)
+    for folder in (tagged, plain):
+        summary = upscale_path(folder, tmp_path / f"{folder.name}_out", opts, compute)
+        assert {r.status for r in summary.results} == {"done"}
+    for name, expected, channels in (("face.webp", profile, 3), ("print.png", grey_profile, 1), ("scan.png", profile, 3)):
+        with Image.open(tmp_path / "tagged_out" / name) as image:
+            assert image.info.get("icc_profile") == expected, name
+            assert len(image.getbands()) == channels, (name, image.mode)
+        with Image.open(tmp_path / "plain_out" / name) as image:
+            assert "icc_profile" not in image.info
+        out = cv2.imread(str(tmp_path / "tagged_out" / name), cv2.IMREAD_UNCHANGED)
+        assert out.shape[:2] == (128, 128)
+        if name != "scan.png":  # without a profile the scan collapses to one grey channel
+            np.testing.assert_array_equal(out, cv2.imread(str(tmp_path / "plain_out" / name), cv2.IMREAD_UNCHANGED))
+
+
 # ----------------------------------------------------------------------------- robustness
 
 

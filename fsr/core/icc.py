@@ -1,0 +1,149 @@
+"""ICC colour profiles: which one an image file carries, and carrying it into an output.
+
+A photo from a phone or a camera is often encoded in a wide-gamut space (Display P3, Adobe RGB)
+and says so with an embedded ICC profile. The pixel values mean nothing without it: written
+back without the profile, a colour-managed viewer shows the upscale as sRGB, duller and shifted
+against the original. fsr reads the profile with the image (:func:`usable_profile`) and puts the
+same bytes into the encoded output (:func:`embed_icc_profile`), so the output looks like its
+input; the pixel data are not touched.
+
+Formats: PNG (``iCCP`` chunk), JPEG (``APP2 ICC_PROFILE`` segments, split at 65,519 bytes),
+WebP (``ICCP`` chunk in the extended ``VP8X`` layout) and classic TIFF (tag 34675). BMP and
+BigTIFF outputs are written without a profile.
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+
+ICC_HEADER_BYTES = 128
+RGB_SPACE = b"RGB "
+GREY_SPACE = b"GRAY"
+_JPEG_ICC_TAG = b"ICC_PROFILE\x00"
+_JPEG_SEGMENT_DATA = 65535 - 2 - len(_JPEG_ICC_TAG) - 2  # length field, tag, sequence number and count
+_TIFF_ICC_TAG = 34675
+_TIFF_UNDEFINED = 7
+
+
+def colour_space(profile: bytes) -> bytes:
+    """The data colour space a profile describes (header bytes 16-19): b"RGB ", b"GRAY", b"CMYK"..."""
+    return bytes(profile[16:20])
+
+
+def usable_profile(profile: object) -> bytes | None:
+    """The profile an input carries, when fsr can carry it into an output: an RGB or grey ICC
+    profile (a CMYK one describes data fsr converts to RGB, so it no longer applies); else None."""
+    if not isinstance(profile, (bytes, bytearray)) or len(profile) < ICC_HEADER_BYTES:
+        return None
+    profile = bytes(profile)
+    return profile if colour_space(profile) in (RGB_SPACE, GREY_SPACE) else None
+
+
+def fits_output(profile: bytes, grey_output: bool) -> bool:
+    """An RGB profile fits colour output, a grey profile fits one-channel grey output."""
+    return colour_space(profile) == (GREY_SPACE if grey_output else RGB_SPACE)
+
+
+def embed_icc_profile(data: bytes, suffix: str, profile: bytes, *, width: int, height: int, has_alpha: bool) -> bytes:
+    """Encoded image ``data`` (as OpenCV writes it, format by ``suffix``) -> the same image with
+    ``profile`` embedded. Formats that cannot carry one are returned unchanged."""
+    suffix = suffix.lower()
+    if suffix == ".png":
+        return _embed_png(data, profile)
+    if suffix in (".jpg", ".jpeg"):
+        return _embed_jpeg(data, profile)
+    if suffix == ".webp":
+        return _embed_webp(data, profile, width=width, height=height, has_alpha=has_alpha)
+    if suffix in (".tif", ".tiff"):
+        return _embed_tiff(data, profile)
+    return data
+
+
+def _png_chunk(kind: bytes, payload: bytes) -> bytes:
+    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+
+def _embed_png(data: bytes, profile: bytes) -> bytes:
+    """Insert an ``iCCP`` chunk after ``IHDR``; drop ``sRGB``/``iCCP`` chunks that would contradict it."""
+    signature, pos = data[:8], 8
+    chunks: list[tuple[bytes, bytes]] = []  # (kind, whole chunk bytes)
+    while pos < len(data):
+        (length,) = struct.unpack(">I", data[pos : pos + 4])
+        kind = data[pos + 4 : pos + 8]
+        end = pos + 12 + length
+        chunks.append((kind, data[pos:end]))
+        pos = end
+    if not chunks or chunks[0][0] != b"IHDR":
+        return data
+    iccp = _png_chunk(b"iCCP", b"ICC profile\x00\x00" + zlib.compress(profile, 9))
+    kept = [whole for kind, whole in chunks[1:] if kind not in (b"sRGB", b"iCCP")]
+    return signature + chunks[0][1] + iccp + b"".join(kept)
+
+
+def _embed_jpeg(data: bytes, profile: bytes) -> bytes:
+    """Insert ``APP2 ICC_PROFILE`` segments after SOI (and after a JFIF ``APP0`` segment)."""
+    if data[:2] != b"\xff\xd8":
+        return data
+    count = -(-len(profile) // _JPEG_SEGMENT_DATA)
+    if count > 255:  # the format's limit (about 16 MB)
+        return data
+    pos = 2
+    if data[pos : pos + 2] == b"\xff\xe0":  # JFIF must stay first
+        (length,) = struct.unpack(">H", data[pos + 2 : pos + 4])
+        pos += 2 + length
+    segments = []
+    for k in range(count):
+        part = profile[k * _JPEG_SEGMENT_DATA : (k + 1) * _JPEG_SEGMENT_DATA]
+        body = _JPEG_ICC_TAG + bytes((k + 1, count)) + part
+        segments.append(b"\xff\xe2" + struct.pack(">H", len(body) + 2) + body)
+    return data[:pos] + b"".join(segments) + data[pos:]
+
+
+def _riff_chunk(kind: bytes, payload: bytes) -> bytes:
+    return kind + struct.pack("<I", len(payload)) + payload + (b"\x00" if len(payload) % 2 else b"")
+
+
+def _embed_webp(data: bytes, profile: bytes, *, width: int, height: int, has_alpha: bool) -> bytes:
+    """Put an ``ICCP`` chunk after ``VP8X``, turning a simple-format file into the extended one."""
+    if data[:4] != b"RIFF" or data[8:12] != b"WEBP":
+        return data
+    first = data[12:16]
+    iccp = _riff_chunk(b"ICCP", profile)
+    if first == b"VP8X":
+        (size,) = struct.unpack("<I", data[16:20])
+        vp8x_end = 20 + size + (size % 2)
+        flags = data[20] | 0x20
+        body = data[12:20] + bytes((flags,)) + data[21:vp8x_end] + iccp + data[vp8x_end:]
+    else:
+        flags = 0x20 | (0x10 if has_alpha else 0)
+        canvas = struct.pack("<I", width - 1)[:3] + struct.pack("<I", height - 1)[:3]
+        body = _riff_chunk(b"VP8X", bytes((flags, 0, 0, 0)) + canvas) + iccp + data[12:]
+    return b"RIFF" + struct.pack("<I", len(body) + 4) + b"WEBP" + body
+
+
+def _embed_tiff(data: bytes, profile: bytes) -> bytes:
+    """Append the profile and a copy of the first IFD with tag 34675 added; point the header at it."""
+    order = {b"II": "<", b"MM": ">"}.get(data[:2])
+    if order is None or struct.unpack(order + "H", data[2:4])[0] != 42:  # not classic TIFF (BigTIFF: 43)
+        return data
+    (ifd,) = struct.unpack(order + "I", data[4:8])
+    (count,) = struct.unpack(order + "H", data[ifd : ifd + 2])
+    entries = [data[ifd + 2 + 12 * k : ifd + 14 + 12 * k] for k in range(count)]
+    next_ifd = data[ifd + 2 + 12 * count : ifd + 6 + 12 * count]
+    out = bytearray(data)
+    if len(out) % 2:
+        out += b"\x00"
+    profile_at = len(out)
+    out += profile
+    if len(out) % 2:
+        out += b"\x00"
+    if len(out) + 2 + 12 * (count + 1) + 4 >= 2**32:
+        return data
+    entries = [e for e in entries if struct.unpack(order + "H", e[:2])[0] != _TIFF_ICC_TAG]
+    entries.append(struct.pack(order + "HHII", _TIFF_ICC_TAG, _TIFF_UNDEFINED, len(profile), profile_at))
+    entries.sort(key=lambda e: struct.unpack(order + "H", e[:2])[0])
+    new_ifd = len(out)
+    out += struct.pack(order + "H", len(entries)) + b"".join(entries) + next_ifd
+    out[4:8] = struct.pack(order + "I", new_ifd)
+    return bytes(out)
