@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -135,6 +136,31 @@ def test_nothing_prepared_exits_non_zero(tmp_path):
     assert result.exit_code == 1
     assert "nothing could be prepared" in result.output
     assert dict(read_rejects(tmp_path / "out")) == {"empty.jpg": "unreadable: empty file (0 bytes)", "wall.png": "no face detected"}
+
+
+def test_small_faces_enlarged_to_the_hr_size_are_counted_and_min_face_drops_them(tmp_path):
+    """A face cut smaller than --size is enlarged to it, so its HR is no sharper than the source:
+    prepare counts such faces and names the --min-face that keeps only full-detail crops."""
+    src = tmp_path / "src" / "Aaron_Peirsol"
+    src.mkdir(parents=True)
+    photo = LFW_DIR / "Aaron_Peirsol" / "Aaron_Peirsol_0001.jpg"
+    shutil.copy(photo, src / "full.jpg")  # face box ~100 px: a crop of ~150 px at margin 0.25
+    Image.open(photo).resize((100, 100), Image.BICUBIC).save(src / "small.png")  # crop of ~60 px
+    args = ["--threads", "1", "--no-progress", "--split", "train"]
+    result = CliRunner().invoke(app, ["prepare", str(tmp_path / "src"), str(tmp_path / "out"), *args], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    sides = {Path(r.source).name: r.crop[2] for r in read_manifest(tmp_path / "out")}
+    assert sides["full.jpg"] >= 128 > sides["small.png"], sides
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert (summary["faces_enlarged"], summary["smallest_crop"], summary["min_face_for_full_detail"]) == (1, sides["small.png"], 86)
+    assert "HR enlarged from a smaller crop" in result.output and "--min-face 86 keeps only" in " ".join(result.output.split())
+
+    again = CliRunner().invoke(app, ["prepare", str(tmp_path / "src"), str(tmp_path / "out86"), *args, "--min-face", "86"])
+    assert again.exit_code == 0, again.output
+    assert [Path(r.source).name for r in read_manifest(tmp_path / "out86")] == ["full.jpg"]
+    assert "face too small" in dict(read_rejects(tmp_path / "out86"))["Aaron_Peirsol/small.png"]
+    assert json.loads((tmp_path / "out86" / "summary.json").read_text())["faces_enlarged"] == 0
+    assert "HR enlarged" not in again.output and "faces were cut smaller" not in again.output
 
 
 def test_identities_partition_exclusion_and_forced_split(tmp_path):

@@ -100,6 +100,8 @@ def prepare_command(
 
     console.print(_summary_table(summary, dst))
     console.print(f"manifest: {dst / 'manifest.csv'}  rejects: {dst / 'rejects.csv'}  ({summary.device})")
+    if summary.faces_enlarged:
+        console.print(_enlarged_note(summary, config.size))
     if summary.faces == 0:
         fail("nothing could be prepared", code=1)
 
@@ -114,6 +116,15 @@ def _selected_sources(sources: list[Path], pairs: Path | None, limit: int) -> li
         fail(str(exc))
 
 
+def _enlarged_note(summary, size: int) -> str:
+    """The warning about faces cut smaller than --size: how many, and the --min-face that drops them."""
+    return (
+        f"[yellow]note: {summary.faces_enlarged:,} of {summary.faces:,} faces were cut smaller than --size {size} px and "
+        f"enlarged: their HR holds no more detail than the source (blurry training targets); --min-face "
+        f"{summary.min_face_for_full_detail} keeps only faces whose crop is at least {size} px"
+    )
+
+
 def _summary_table(summary, dst: Path) -> Table:
     """The counts of a prepare run, one row per count and per split and reject reason."""
     table = Table(title=f"fsr prepare -> {dst}")
@@ -126,6 +137,9 @@ def _summary_table(summary, dst: Path) -> Table:
     table.add_row("faces written", f"{summary.faces:,}")
     for split_name, count in summary.faces_per_split.items():
         table.add_row(f"  {split_name}", f"{count:,} faces, {summary.identities_per_split.get(split_name, 0):,} identities")
+    if summary.faces_enlarged:
+        share = 100 * summary.faces_enlarged / summary.faces
+        table.add_row("HR enlarged from a smaller crop", f"{summary.faces_enlarged:,} ({share:.1f}%; smallest {summary.smallest_crop} px)")
     table.add_row("images rejected", f"{summary.images_rejected:,}")
     for reason, count in summary.reject_reasons.items():
         table.add_row(f"  {reason}", f"{count:,}")

@@ -27,6 +27,7 @@ source photos. Stages: :func:`plan_prepare` -> :func:`run_chunks` -> :func:`writ
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import time
@@ -109,6 +110,9 @@ class PrepareSummary:
     resumed_images: int = 0
     processed_images: int = 0
     reject_reasons: dict[str, int] = field(default_factory=dict)
+    faces_enlarged: int = 0  # HR crops cut smaller than --size from the source and enlarged to it
+    smallest_crop: int = 0  # side of the smallest square cut (source pixels)
+    min_face_for_full_detail: int = 0  # the --min-face whose crops are all at least --size
     faces_per_split: dict[str, int] = field(default_factory=dict)
     identities_per_split: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
@@ -454,7 +458,7 @@ def prepare_dataset(
                                  images_excluded=plan.excluded, device=compute.describe())
         run_chunks(plan, journal, config, compute, summary, progress=progress, detector=detector, on_chunk=on_chunk)
         journal.close()
-        write_results(plan, journal, summary, started)
+        write_results(plan, journal, summary, started, config)
     except OSError as exc:
         done = sum(len(r["results"]) for r in journal.chunks.values()) if journal is not None else 0
         raise PrepareError(
@@ -606,7 +610,7 @@ def _face_record(result: dict, face: dict) -> FaceRecord:
     )
 
 
-def write_results(plan: PreparePlan, journal: Journal, summary: PrepareSummary, started: float) -> None:
+def write_results(plan: PreparePlan, journal: Journal, summary: PrepareSummary, started: float, config: PrepareConfig) -> None:
     """Everything done: write rejects.csv, manifest.csv (sorted by source key) and summary.json."""
     records, rejects, reasons, prepared = _collect(plan, journal)
     write_rejects(plan.dst, rejects)
@@ -615,6 +619,10 @@ def write_results(plan: PreparePlan, journal: Journal, summary: PrepareSummary, 
     summary.images_rejected = len(rejects)
     summary.faces = len(records)
     summary.reject_reasons = dict(sorted(reasons.items()))
+    crop_sides = [r.crop[2] for r in records]
+    summary.faces_enlarged = sum(side < config.size for side in crop_sides)
+    summary.smallest_crop = min(crop_sides, default=0)
+    summary.min_face_for_full_detail = math.ceil(config.size / (1.0 + 2.0 * config.margin) - 1e-9)
     split_faces: Counter[str] = Counter(r.split for r in records)
     split_ids: dict[str, set[str]] = {}
     for r in records:
