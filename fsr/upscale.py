@@ -50,7 +50,7 @@ import torch
 
 from fsr.core.batching import make_progress
 from fsr.core.device import Compute
-from fsr.core.icc import RGB_SPACE, colour_space
+from fsr.core.metadata import RGB_SPACE, colour_space
 from fsr.core.io import (
     DEFAULT_MAX_PIXELS,
     IMAGE_EXTENSIONS,
@@ -426,7 +426,7 @@ def _prefetch(fn: Callable, items: Iterable, pool: ThreadPoolExecutor, window: i
 
 
 def _write(job: Job, rgb: np.ndarray, alpha: np.ndarray | None, quality: int, image: LoadedImage) -> None:
-    """Write one output atomically with its input's colour profile: one grey channel for a grey
+    """Write one output atomically with its input's colour profile and EXIF: one grey channel for a grey
     input (``image.grey``) unless it carries an RGB profile (which only colour data may hold);
     a file-system failure becomes :class:`OutputWriteError`."""
     if image.grey and not (image.icc_profile is not None and colour_space(image.icc_profile) == RGB_SPACE):
@@ -434,7 +434,7 @@ def _write(job: Job, rgb: np.ndarray, alpha: np.ndarray | None, quality: int, im
     try:
         # only temporaries of this very output (``.NAME.xxxxxxxx.tmp``) that a killed run left
         remove_stale_temporaries(job.output.parent, lambda target: target == job.output.name)
-        write_image(job.output, rgb, alpha, quality=quality, icc_profile=image.icc_profile)
+        write_image(job.output, rgb, alpha, quality=quality, icc_profile=image.icc_profile, exif=image.exif)
     except OSError as exc:
         raise OutputWriteError(exc.errno, f"cannot write output {describe_os_error(exc)}") from None
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fsr.core.icc import usable_profile
+from fsr.core.metadata import upright_exif, usable_profile
 from fsr.core.io import ImageReadError, encode_image, iter_image_files, read_image, write_image
 from tests.conftest import LFW_DIR, WILD_DIR
 
@@ -177,3 +177,30 @@ def test_colour_profile_is_read_and_carried_into_every_format_that_holds_one(tmp
         assert "icc_profile" not in image.info
     with Image.open(io.BytesIO(encode_image("x.png", grey, icc_profile=profile))) as image:
         assert "icc_profile" not in image.info
+
+
+def test_exif_is_carried_upright_into_jpeg_png_and_webp(face_rgb):
+    """A camera photo's EXIF (here a real one that says "rotate 90 degrees") comes back in JPEG,
+    PNG and WebP outputs with every byte the same but the orientation, now upright, because the
+    pixels are written turned; TIFF and BMP outputs hold none."""
+    import io
+
+    photo = WILD_DIR / "img102.jpg"
+    with Image.open(photo) as source:
+        raw = source.info["exif"]
+        assert source.getexif()[0x0112] == 6
+    loaded = read_image(photo)
+    assert loaded.exif == upright_exif(raw) and loaded.rgb.shape[:2] == (1024, 769)
+    tiff = raw[6:]  # without the "Exif\0\0" prefix
+    changed = [k for k in range(len(tiff)) if tiff[k] != loaded.exif[k]]
+    assert len(loaded.exif) == len(tiff) and len(changed) == 1, changed  # the orientation's low byte
+    assert upright_exif(b"not exif") is None and upright_exif(None) is None
+    for suffix in (".jpg", ".png", ".webp"):
+        data = encode_image("x" + suffix, face_rgb, quality=90, exif=loaded.exif)
+        with Image.open(io.BytesIO(data)) as image, Image.open(io.BytesIO(encode_image("x" + suffix, face_rgb, quality=90))) as plain:
+            assert image.getexif()[0x0112] == 1, suffix
+            assert image.info["exif"].removeprefix(b"Exif\x00\x00") == loaded.exif, suffix
+            np.testing.assert_array_equal(np.asarray(image), np.asarray(plain))
+    for suffix in (".tif", ".bmp"):
+        with Image.open(io.BytesIO(encode_image("x" + suffix, face_rgb, exif=loaded.exif))) as image:
+            assert 0x0112 not in image.getexif() and "exif" not in image.info, suffix

@@ -3,7 +3,8 @@
 Reading: JPEG, PNG, WebP, BMP, TIFF; EXIF orientation applied; grayscale, palette,
 CMYK and RGBA inputs become RGB (+ alpha kept separately), and an image without colour is
 marked ``grey`` so that its output can be grey again; 16-bit PNG/TIFF keep 16 bits; an RGB or
-grey ICC colour profile is kept with the pixels (:mod:`fsr.core.icc`) for the output;
+grey ICC colour profile and the EXIF metadata are kept with the pixels for the output
+(:mod:`fsr.core.metadata`);
 a declared size above ``max_pixels`` is refused before decoding (decompression bombs);
 a corrupt, truncated, empty or non-image file raises :class:`ImageReadError`, whose
 message is one line naming the file and the reason.
@@ -30,7 +31,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from fsr.core.icc import embed_icc_profile, fits_output, usable_profile
+from fsr.core.metadata import embed_exif, embed_icc_profile, fits_output, upright_exif, usable_profile
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 # Image formats fsr does not read: reported (not silently ignored) when found in an input folder.
@@ -71,6 +72,7 @@ class LoadedImage:
     grey: the file holds no colour (one grey channel, or three equal ones); models still see
     three channels, and :func:`grey_channel` turns their output back into one.
     icc_profile: the file's RGB or grey ICC colour profile (bytes), or None (then sRGB is meant).
+    exif: the file's EXIF (a TIFF structure) with its orientation set upright, or None.
     """
 
     rgb: np.ndarray
@@ -78,6 +80,7 @@ class LoadedImage:
     path: str
     grey: bool = False
     icc_profile: bytes | None = None
+    exif: bytes | None = None
 
     @property
     def max_value(self) -> int:
@@ -187,6 +190,7 @@ def read_image(path: str | os.PathLike, *, max_pixels: int = DEFAULT_MAX_PIXELS)
             )
         orientation = _exif_orientation(pil)
         icc_profile = usable_profile(pil.info.get("icc_profile"))
+        exif = upright_exif(pil.info.get("exif"))
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -213,7 +217,7 @@ def read_image(path: str | os.PathLike, *, max_pixels: int = DEFAULT_MAX_PIXELS)
         rgb = np.ascontiguousarray(apply_exif_orientation(rgb, orientation))
         if alpha is not None:
             alpha = np.ascontiguousarray(apply_exif_orientation(alpha, orientation))
-    return LoadedImage(rgb=rgb, alpha=alpha, path=str(path), grey=grey, icc_profile=icc_profile)
+    return LoadedImage(rgb=rgb, alpha=alpha, path=str(path), grey=grey, icc_profile=icc_profile, exif=exif)
 
 
 def grey_channel(rgb: np.ndarray) -> np.ndarray:
@@ -296,11 +300,12 @@ def write_json(path: str | os.PathLike, data: object) -> None:
 
 
 def encode_image(path: str | os.PathLike, rgb: np.ndarray, alpha: np.ndarray | None = None, *, quality: int = 95,
-                 icc_profile: bytes | None = None) -> bytes:
+                 icc_profile: bytes | None = None, exif: bytes | None = None) -> bytes:
     """Encode (H, W, 3) RGB or (H, W) grey, uint8/uint16 (+ alpha), in the format named by
     ``path``'s suffix. Grey with alpha is written as RGBA with three equal channels.
     ``icc_profile`` (an input's colour profile) is embedded when it fits the written channels
-    (an RGB profile in colour output, a grey one in grey output) and the format carries one."""
+    (an RGB profile in colour output, a grey one in grey output) and the format carries one;
+    so is ``exif`` (an input's EXIF from :func:`fsr.core.metadata.upright_exif`)."""
     suffix = Path(path).suffix.lower()
     if suffix not in IMAGE_EXTENSIONS:
         raise ValueError(f"{path}: unsupported output format '{suffix}' (use one of {', '.join(IMAGE_EXTENSIONS)})")
@@ -327,14 +332,16 @@ def encode_image(path: str | os.PathLike, rgb: np.ndarray, alpha: np.ndarray | N
     if icc_profile is not None and fits_output(icc_profile, grey_output=bgr.ndim == 2):
         data = embed_icc_profile(data, suffix, icc_profile, width=bgr.shape[1], height=bgr.shape[0],
                                  has_alpha=alpha is not None)
+    if exif is not None:
+        data = embed_exif(data, suffix, exif, width=bgr.shape[1], height=bgr.shape[0], has_alpha=alpha is not None)
     return data
 
 
 def write_image(path: str | os.PathLike, rgb: np.ndarray, alpha: np.ndarray | None = None, *, quality: int = 95,
-                icc_profile: bytes | None = None) -> None:
+                icc_profile: bytes | None = None, exif: bytes | None = None) -> None:
     """Write an image atomically; the format follows the suffix (PNG is lossless); an
-    ``icc_profile`` is embedded as :func:`encode_image` says."""
-    atomic_write_bytes(path, encode_image(path, rgb, alpha, quality=quality, icc_profile=icc_profile))
+    ``icc_profile`` and ``exif`` are embedded as :func:`encode_image` says."""
+    atomic_write_bytes(path, encode_image(path, rgb, alpha, quality=quality, icc_profile=icc_profile, exif=exif))
 
 
 @dataclass

@@ -1,15 +1,18 @@
-"""ICC colour profiles: which one an image file carries, and carrying it into an output.
+"""Image metadata carried from an input into its output: the ICC colour profile and EXIF.
 
 A photo from a phone or a camera is often encoded in a wide-gamut space (Display P3, Adobe RGB)
 and says so with an embedded ICC profile. The pixel values mean nothing without it: written
 back without the profile, a colour-managed viewer shows the upscale as sRGB, duller and shifted
 against the original. fsr reads the profile with the image (:func:`usable_profile`) and puts the
 same bytes into the encoded output (:func:`embed_icc_profile`), so the output looks like its
-input; the pixel data are not touched.
+input; the pixel data are not touched. EXIF (camera, capture time, place, ...) is carried the
+same way (:func:`upright_exif`, :func:`embed_exif`), with its orientation set to upright because
+fsr writes the pixels already turned.
 
-Formats: PNG (``iCCP`` chunk), JPEG (``APP2 ICC_PROFILE`` segments, split at 65,519 bytes),
-WebP (``ICCP`` chunk in the extended ``VP8X`` layout) and classic TIFF (tag 34675). BMP and
-BigTIFF outputs are written without a profile.
+Formats: PNG (``iCCP`` and ``eXIf`` chunks), JPEG (``APP2 ICC_PROFILE`` segments, split at
+65,519 bytes, and an ``APP1 Exif`` segment), WebP (``ICCP`` and ``EXIF`` chunks in the extended
+``VP8X`` layout) and classic TIFF (the profile as tag 34675; no EXIF). BMP and BigTIFF outputs
+are written without either.
 """
 
 from __future__ import annotations
@@ -104,22 +107,32 @@ def _riff_chunk(kind: bytes, payload: bytes) -> bytes:
     return kind + struct.pack("<I", len(payload)) + payload + (b"\x00" if len(payload) % 2 else b"")
 
 
-def _embed_webp(data: bytes, profile: bytes, *, width: int, height: int, has_alpha: bool) -> bytes:
-    """Put an ``ICCP`` chunk after ``VP8X``, turning a simple-format file into the extended one."""
+def _webp_extended(data: bytes, *, width: int, height: int, has_alpha: bool) -> tuple[bytes, int] | None:
+    """A WebP file in the extended layout (a ``VP8X`` chunk first): (chunks after the RIFF
+    header, offset of the end of ``VP8X`` in them); None when ``data`` is not WebP."""
     if data[:4] != b"RIFF" or data[8:12] != b"WEBP":
-        return data
-    first = data[12:16]
-    iccp = _riff_chunk(b"ICCP", profile)
-    if first == b"VP8X":
-        (size,) = struct.unpack("<I", data[16:20])
-        vp8x_end = 20 + size + (size % 2)
-        flags = data[20] | 0x20
-        body = data[12:20] + bytes((flags,)) + data[21:vp8x_end] + iccp + data[vp8x_end:]
-    else:
-        flags = 0x20 | (0x10 if has_alpha else 0)
+        return None
+    body = data[12:]
+    if body[:4] != b"VP8X":
+        flags = 0x10 if has_alpha else 0
         canvas = struct.pack("<I", width - 1)[:3] + struct.pack("<I", height - 1)[:3]
-        body = _riff_chunk(b"VP8X", bytes((flags, 0, 0, 0)) + canvas) + iccp + data[12:]
+        body = _riff_chunk(b"VP8X", bytes((flags, 0, 0, 0)) + canvas) + body
+    (size,) = struct.unpack("<I", body[4:8])
+    return body, 8 + size + (size % 2)
+
+
+def _webp_file(body: bytes) -> bytes:
     return b"RIFF" + struct.pack("<I", len(body) + 4) + b"WEBP" + body
+
+
+def _embed_webp(data: bytes, profile: bytes, *, width: int, height: int, has_alpha: bool) -> bytes:
+    """Put an ``ICCP`` chunk right after ``VP8X`` (flag 0x20)."""
+    extended = _webp_extended(data, width=width, height=height, has_alpha=has_alpha)
+    if extended is None:
+        return data
+    body, vp8x_end = extended
+    body = body[:8] + bytes((body[8] | 0x20,)) + body[9:vp8x_end] + _riff_chunk(b"ICCP", profile) + body[vp8x_end:]
+    return _webp_file(body)
 
 
 def _embed_tiff(data: bytes, profile: bytes) -> bytes:
@@ -147,3 +160,71 @@ def _embed_tiff(data: bytes, profile: bytes) -> bytes:
     out += struct.pack(order + "H", len(entries)) + b"".join(entries) + next_ifd
     out[4:8] = struct.pack(order + "I", new_ifd)
     return bytes(out)
+
+
+# ----------------------------------------------------------------------------- EXIF
+
+_EXIF_PREFIX = b"Exif\x00\x00"
+_ORIENTATION_TAG = 0x0112
+_JPEG_APP1_MAX = 65535 - 2 - len(_EXIF_PREFIX)
+
+
+def upright_exif(exif: object) -> bytes | None:
+    """An input's raw EXIF (a TIFF structure, with or without the ``Exif\\0\\0`` prefix) -> the
+    same bytes with the orientation tag set to 1 (upright: fsr writes the pixels turned), or None
+    when there is none or it is not a TIFF structure fsr can read."""
+    if not isinstance(exif, (bytes, bytearray)):
+        return None
+    tiff = bytearray(exif[len(_EXIF_PREFIX):] if exif[: len(_EXIF_PREFIX)] == _EXIF_PREFIX else exif)
+    order = {b"II": "<", b"MM": ">"}.get(bytes(tiff[:2]))
+    if order is None or len(tiff) < 8 or struct.unpack(order + "H", tiff[2:4])[0] != 42:
+        return None
+    (ifd,) = struct.unpack(order + "I", tiff[4:8])
+    if ifd + 2 > len(tiff):
+        return None
+    (count,) = struct.unpack(order + "H", tiff[ifd : ifd + 2])
+    if ifd + 2 + 12 * count > len(tiff):
+        return None
+    for k in range(count):
+        entry = ifd + 2 + 12 * k
+        tag, kind = struct.unpack(order + "HH", tiff[entry : entry + 4])
+        if tag == _ORIENTATION_TAG and kind == 3:  # SHORT, held in the entry itself
+            tiff[entry + 8 : entry + 10] = struct.pack(order + "H", 1)
+    return bytes(tiff)
+
+
+def embed_exif(data: bytes, suffix: str, exif: bytes, *, width: int, height: int, has_alpha: bool) -> bytes:
+    """Encoded image ``data`` (format by ``suffix``) -> the same image carrying the EXIF TIFF
+    structure ``exif`` (from :func:`upright_exif`). TIFF and BMP outputs are returned unchanged."""
+    suffix = suffix.lower()
+    if suffix == ".png":
+        return _embed_png_exif(data, exif)
+    if suffix in (".jpg", ".jpeg"):
+        return _embed_jpeg_exif(data, exif)
+    if suffix == ".webp":
+        extended = _webp_extended(data, width=width, height=height, has_alpha=has_alpha)
+        if extended is None:
+            return data
+        body, _ = extended
+        return _webp_file(body[:8] + bytes((body[8] | 0x08,)) + body[9:] + _riff_chunk(b"EXIF", exif))
+    return data
+
+
+def _embed_png_exif(data: bytes, exif: bytes) -> bytes:
+    """Insert an ``eXIf`` chunk before the first ``IDAT``."""
+    at = data.find(b"IDAT") - 4
+    if data[:8] != b"\x89PNG\r\n\x1a\n" or at < 8:
+        return data
+    return data[:at] + _png_chunk(b"eXIf", exif) + data[at:]
+
+
+def _embed_jpeg_exif(data: bytes, exif: bytes) -> bytes:
+    """Insert an ``APP1 Exif`` segment after SOI (and after a JFIF ``APP0`` segment)."""
+    if data[:2] != b"\xff\xd8" or len(exif) > _JPEG_APP1_MAX:
+        return data
+    pos = 2
+    if data[pos : pos + 2] == b"\xff\xe0":
+        (length,) = struct.unpack(">H", data[pos + 2 : pos + 4])
+        pos += 2 + length
+    body = _EXIF_PREFIX + exif
+    return data[:pos] + b"\xff\xe1" + struct.pack(">H", len(body) + 2) + body + data[pos:]
