@@ -204,3 +204,27 @@ def test_exif_is_carried_upright_into_jpeg_png_and_webp(face_rgb):
     for suffix in (".tif", ".bmp"):
         with Image.open(io.BytesIO(encode_image("x" + suffix, face_rgb, exif=loaded.exif))) as image:
             assert 0x0112 not in image.getexif() and "exif" not in image.info, suffix
+
+
+def test_alpha_is_flattened_on_white_where_the_format_has_none(tmp_path, face_rgb):
+    """A cut-out portrait (transparent background over black pixels) written as JPEG or BMP
+    shows on white, as it does on screen, not on the black under its transparent pixels."""
+    yy, xx = np.mgrid[:250, :250]
+    alpha = np.where((yy - 125) ** 2 + (xx - 125) ** 2 < 90**2, 255, 0).astype(np.uint8)
+    alpha[:, :10] = 128  # a half-transparent strip
+    cutout = np.where(alpha[..., None] > 0, face_rgb, 0).astype(np.uint8)
+    for suffix in (".jpg", ".bmp"):
+        write_image(tmp_path / f"flat{suffix}", cutout, alpha, quality=95)
+        flat = read_image(tmp_path / f"flat{suffix}")
+        assert flat.alpha is None
+        assert flat.rgb[alpha == 0].mean() > 250, suffix  # white, not black
+        inside = alpha == 255
+        inside[:, :20] = False
+        assert np.abs(flat.rgb[inside].astype(int) - face_rgb[inside]).mean() < 3, suffix
+        half = flat.rgb[5:245, 3:7].astype(int)
+        expected = np.round(face_rgb[5:245, 3:7] * (128 / 255) + 255 * (127 / 255))
+        assert np.abs(half - expected).mean() < 4, suffix
+    write_image(tmp_path / "kept.png", cutout, alpha)  # PNG keeps the alpha and the pixels under it
+    kept = read_image(tmp_path / "kept.png")
+    np.testing.assert_array_equal(kept.alpha, alpha)
+    np.testing.assert_array_equal(kept.rgb, cutout)

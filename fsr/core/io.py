@@ -299,10 +299,23 @@ def write_json(path: str | os.PathLike, data: object) -> None:
 
 
 
+def flatten_on_white(rgb: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+    """(H, W, 3) or (H, W) uint8/uint16 colour over (H, W) alpha of the same dtype -> the image as it
+    shows on a white page (a format without alpha would otherwise show what lies under the
+    transparent pixels, often black)."""
+    top = pixel_max(rgb.dtype)
+    weight = alpha.astype(np.float32) / top
+    if rgb.ndim == 3:
+        weight = weight[..., None]
+    flat = rgb.astype(np.float32) * weight + top * (1.0 - weight)
+    return np.round(flat).astype(rgb.dtype)
+
+
 def encode_image(path: str | os.PathLike, rgb: np.ndarray, alpha: np.ndarray | None = None, *, quality: int = 95,
                  icc_profile: bytes | None = None, exif: bytes | None = None) -> bytes:
     """Encode (H, W, 3) RGB or (H, W) grey, uint8/uint16 (+ alpha), in the format named by
-    ``path``'s suffix. Grey with alpha is written as RGBA with three equal channels.
+    ``path``'s suffix. Grey with alpha is written as RGBA with three equal channels; JPEG and
+    BMP, which hold no alpha, get the image flattened on white.
     ``icc_profile`` (an input's colour profile) is embedded when it fits the written channels
     (an RGB profile in colour output, a grey one in grey output) and the format carries one;
     so is ``exif`` (an input's EXIF from :func:`fsr.core.metadata.upright_exif`)."""
@@ -310,7 +323,7 @@ def encode_image(path: str | os.PathLike, rgb: np.ndarray, alpha: np.ndarray | N
     if suffix not in IMAGE_EXTENSIONS:
         raise ValueError(f"{path}: unsupported output format '{suffix}' (use one of {', '.join(IMAGE_EXTENSIONS)})")
     if alpha is not None and suffix in (".jpg", ".jpeg", ".bmp"):
-        alpha = None  # these formats have no alpha channel
+        rgb, alpha = flatten_on_white(rgb, alpha), None  # these formats have no alpha channel
     if rgb.ndim == 2 and (alpha is not None or suffix == ".webp"):  # OpenCV's WebP is colour only
         rgb = np.repeat(rgb[..., None], 3, axis=2)
     bgr = np.ascontiguousarray(rgb) if rgb.ndim == 2 else cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2BGR)
