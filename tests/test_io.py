@@ -182,23 +182,32 @@ def test_colour_profile_is_read_and_carried_into_every_format_that_holds_one(tmp
 def test_exif_is_carried_upright_into_jpeg_png_and_webp(face_rgb):
     """A camera photo's EXIF (here a real one that says "rotate 90 degrees") comes back in JPEG,
     PNG and WebP outputs with every byte the same but the orientation, now upright, because the
-    pixels are written turned; TIFF and BMP outputs hold none."""
+    pixels are written turned, and the link to its thumbnail, which shows the photo unturned;
+    TIFF and BMP outputs hold none."""
     import io
+
+    from PIL import ExifTags
 
     photo = WILD_DIR / "img102.jpg"
     with Image.open(photo) as source:
         raw = source.info["exif"]
-        assert source.getexif()[0x0112] == 6
+        assert source.getexif()[0x0112] == 6 and source.getexif().get_ifd(ExifTags.IFD.IFD1)
     loaded = read_image(photo)
     assert loaded.exif == upright_exif(raw) and loaded.rgb.shape[:2] == (1024, 769)
     tiff = raw[6:]  # without the "Exif\0\0" prefix
     changed = [k for k in range(len(tiff)) if tiff[k] != loaded.exif[k]]
-    assert len(loaded.exif) == len(tiff) and len(changed) == 1, changed  # the orientation's low byte
+    # the orientation's low byte (IFD0 at 8, its one entry from 10) and the thumbnail link after it
+    assert len(loaded.exif) == len(tiff) and changed == [19, 25], changed
     assert upright_exif(b"not exif") is None and upright_exif(None) is None
+    # the EXIF of a photo stored upright is kept byte for byte
+    upright = Image.Exif()
+    upright.load(raw)
+    upright[0x0112] = 1
+    assert upright_exif(upright.tobytes()) == upright.tobytes()[6:]
     for suffix in (".jpg", ".png", ".webp"):
         data = encode_image("x" + suffix, face_rgb, quality=90, exif=loaded.exif)
         with Image.open(io.BytesIO(data)) as image, Image.open(io.BytesIO(encode_image("x" + suffix, face_rgb, quality=90))) as plain:
-            assert image.getexif()[0x0112] == 1, suffix
+            assert image.getexif()[0x0112] == 1 and not image.getexif().get_ifd(ExifTags.IFD.IFD1), suffix
             assert image.info["exif"].removeprefix(b"Exif\x00\x00") == loaded.exif, suffix
             np.testing.assert_array_equal(np.asarray(image), np.asarray(plain))
     for suffix in (".tif", ".bmp"):

@@ -321,8 +321,8 @@ def test_outputs_keep_the_inputs_colour_profile(tmp_path, tiny_model, compute):
 
 def test_photo_output_keeps_the_cameras_exif_upright(tmp_path, tiny_model, compute):
     """A real photo whose EXIF says "rotate 90 degrees" (``wild/img102.jpg``): the output is
-    written upright, with the input's EXIF (camera, time, captions, copyright) and its
-    orientation set to upright, so no viewer turns it a second time."""
+    written upright, with the input's EXIF and its orientation set to upright, so no viewer
+    turns it a second time."""
     photo = WILD_DIR / "img102.jpg"
     opts = options(model=str(tiny_model), mode="photo", scale=1, threshold=1, out_format="png")  # no face needs SR here
     summary = upscale_path(photo, tmp_path / "out.png", opts, compute)
@@ -330,7 +330,7 @@ def test_photo_output_keeps_the_cameras_exif_upright(tmp_path, tiny_model, compu
     with Image.open(photo) as source, Image.open(tmp_path / "out.png") as output:
         assert source.size == (1024, 769) and source.getexif()[0x0112] == 6
         assert output.size == (769, 1024) and output.getexif()[0x0112] == 1
-        # every other byte of the 9 KB (its thumbnail included) is the camera's
+        # every other byte of the 9 KB is the camera's (the unturned thumbnail is unlinked)
         assert output.info["exif"].removeprefix(b"Exif\x00\x00") == upright_exif(source.info["exif"])
     assert read_image(tmp_path / "out.png").rgb.shape == (1024, 769, 3)
 

@@ -67,21 +67,27 @@ def _png_chunk(kind: bytes, payload: bytes) -> bytes:
     return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
 
 
+def _png_chunks(data: bytes) -> list[tuple[bytes, bytes]] | None:
+    """A PNG file's chunks as (kind, whole chunk bytes), or None when ``data`` is not a PNG."""
+    if data[:8] != b"\x89PNG\r\n\x1a\n":
+        return None
+    chunks, pos = [], 8
+    while pos + 8 <= len(data):
+        (length,) = struct.unpack(">I", data[pos : pos + 4])
+        end = pos + 12 + length
+        chunks.append((data[pos + 4 : pos + 8], data[pos:end]))
+        pos = end
+    return chunks if chunks and chunks[0][0] == b"IHDR" else None
+
+
 def _embed_png(data: bytes, profile: bytes) -> bytes:
     """Insert an ``iCCP`` chunk after ``IHDR``; drop ``sRGB``/``iCCP`` chunks that would contradict it."""
-    signature, pos = data[:8], 8
-    chunks: list[tuple[bytes, bytes]] = []  # (kind, whole chunk bytes)
-    while pos < len(data):
-        (length,) = struct.unpack(">I", data[pos : pos + 4])
-        kind = data[pos + 4 : pos + 8]
-        end = pos + 12 + length
-        chunks.append((kind, data[pos:end]))
-        pos = end
-    if not chunks or chunks[0][0] != b"IHDR":
+    chunks = _png_chunks(data)
+    if chunks is None:
         return data
     iccp = _png_chunk(b"iCCP", b"ICC profile\x00\x00" + zlib.compress(profile, 9))
     kept = [whole for kind, whole in chunks[1:] if kind not in (b"sRGB", b"iCCP")]
-    return signature + chunks[0][1] + iccp + b"".join(kept)
+    return data[:8] + chunks[0][1] + iccp + b"".join(kept)
 
 
 def _embed_jpeg(data: bytes, profile: bytes) -> bytes:
@@ -172,7 +178,9 @@ _JPEG_APP1_MAX = 65535 - 2 - len(_EXIF_PREFIX)
 def upright_exif(exif: object) -> bytes | None:
     """An input's raw EXIF (a TIFF structure, with or without the ``Exif\\0\\0`` prefix) -> the
     same bytes with the orientation tag set to 1 (upright: fsr writes the pixels turned), or None
-    when there is none or it is not a TIFF structure fsr can read."""
+    when there is none or it is not a TIFF structure fsr can read. When the photo was turned, the
+    link to the embedded thumbnail (stored unturned, for the old orientation) is cut, so that no
+    file browser shows it on its side."""
     if not isinstance(exif, (bytes, bytearray)):
         return None
     tiff = bytearray(exif[len(_EXIF_PREFIX):] if exif[: len(_EXIF_PREFIX)] == _EXIF_PREFIX else exif)
@@ -185,11 +193,16 @@ def upright_exif(exif: object) -> bytes | None:
     (count,) = struct.unpack(order + "H", tiff[ifd : ifd + 2])
     if ifd + 2 + 12 * count > len(tiff):
         return None
+    turned = False
     for k in range(count):
         entry = ifd + 2 + 12 * k
         tag, kind = struct.unpack(order + "HH", tiff[entry : entry + 4])
         if tag == _ORIENTATION_TAG and kind == 3:  # SHORT, held in the entry itself
+            turned = struct.unpack(order + "H", tiff[entry + 8 : entry + 10])[0] not in (0, 1)
             tiff[entry + 8 : entry + 10] = struct.pack(order + "H", 1)
+    next_ifd = ifd + 2 + 12 * count
+    if turned and next_ifd + 4 <= len(tiff):
+        tiff[next_ifd : next_ifd + 4] = bytes(4)  # IFD1, the thumbnail's, is no longer linked
     return bytes(tiff)
 
 
@@ -212,10 +225,14 @@ def embed_exif(data: bytes, suffix: str, exif: bytes, *, width: int, height: int
 
 def _embed_png_exif(data: bytes, exif: bytes) -> bytes:
     """Insert an ``eXIf`` chunk before the first ``IDAT``."""
-    at = data.find(b"IDAT") - 4
-    if data[:8] != b"\x89PNG\r\n\x1a\n" or at < 8:
+    chunks = _png_chunks(data)
+    if chunks is None:
         return data
-    return data[:at] + _png_chunk(b"eXIf", exif) + data[at:]
+    first_idat = next((k for k, (kind, _) in enumerate(chunks) if kind == b"IDAT"), None)
+    if first_idat is None:
+        return data
+    wholes = [whole for _, whole in chunks]
+    return data[:8] + b"".join(wholes[:first_idat]) + _png_chunk(b"eXIf", exif) + b"".join(wholes[first_idat:])
 
 
 def _embed_jpeg_exif(data: bytes, exif: bytes) -> bytes:
