@@ -50,7 +50,6 @@ import torch
 
 from fsr.core.batching import make_progress
 from fsr.core.device import Compute
-from fsr.core.metadata import RGB_SPACE, colour_space
 from fsr.core.io import (
     DEFAULT_MAX_PIXELS,
     IMAGE_EXTENSIONS,
@@ -70,6 +69,7 @@ from fsr.core.io import (
     to_tensor,
     write_image,
 )
+from fsr.core.metadata import RGB_SPACE, colour_space
 from fsr.core.weights import WeightsError
 from fsr.core.resize import resize_bicubic
 from fsr.detect.crop import extract_square
