@@ -22,6 +22,8 @@ from fsr.core.weights import WeightsError, find_weights
 from fsr.models.sr import ModelCard, load_sr_model, read_card
 
 DEFAULT_MODEL_NAME = "fsr_default"
+# ``--batch-size`` counts LR faces of 32 x 32 px: larger inputs go in batches of the same pixel count
+BATCH_FACE_PIXELS = 32 * 32
 
 
 @dataclass
@@ -30,7 +32,8 @@ class SRSystem:
 
     ``card`` is the model's :class:`~fsr.models.sr.ModelCard` (None for bicubic).
     ``upscale(lr)``: (N, 3, h, w) float in [0, 1] (any device) -> (N, 3, h*scale, w*scale)
-    float32 in [0, 1] on the CPU. Batched on ``compute``'s device with OOM back-off.
+    float32 in [0, 1] on the CPU. Batched on ``compute``'s device with OOM back-off; inputs larger
+    than 32 x 32 go in batches of as many pixels as ``compute.batch_size`` faces of 32 x 32.
     """
 
     name: str
@@ -70,7 +73,16 @@ class SRSystem:
         if self.model is None:
             return bicubic_up(lr.float().cpu(), self.scale)
         assert self._sizer is not None
-        return run_batched(self._forward, lr, self._sizer, out_device="cpu")
+        pixels = lr.shape[-2] * lr.shape[-1]
+        if pixels <= BATCH_FACE_PIXELS:
+            return run_batched(self._forward, lr, self._sizer, out_device="cpu")
+        # larger inputs (tiles of a big face): as many per batch as hold the pixels of a batch of faces
+        per_batch = max(1, self._sizer.batch_size * BATCH_FACE_PIXELS // pixels)
+        sizer = BatchSizer(per_batch)
+        out = run_batched(self._forward, lr, sizer, out_device="cpu")
+        if sizer.batch_size < per_batch:  # out of memory on the way: later faces go in smaller batches too
+            self._sizer.batch_size = max(1, self._sizer.batch_size * sizer.batch_size // per_batch)
+        return out
 
     __call__ = upscale
 
