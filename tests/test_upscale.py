@@ -125,8 +125,8 @@ def test_large_faces_run_in_overlapping_tiles_that_join(compute):
 
 def test_inputs_larger_than_a_face_go_in_batches_of_the_same_pixels(tiny_model):
     """--batch-size counts 32 px faces: tiles of a big face (here 96 px, 9 faces' pixels) go 7 to
-    a batch, not 64, so a large face cannot multiply the memory a batch takes (it had made a
-    636 px face take 275 s instead of 153 s on a 2-core CPU, mostly paging)."""
+    a batch, not 64, so a large face takes no more memory per batch than 64 faces do (64 tiles of
+    160 px in one batch made a 2-core CPU page)."""
     system = load_sr_system(str(tiny_model), Compute.create("cpu", "fp32", batch_size=64, threads=2))
     seen: list[int] = []
     forward = system._forward
