@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from fsr.core.metadata import embed_exif, embed_icc_profile, fits_output, upright_exif, usable_profile
+from fsr.core.metadata import embed_metadata, fits_output, upright_exif, usable_profile
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 # Image formats fsr does not read: reported (not silently ignored) when found in an input folder.
@@ -341,13 +341,10 @@ def encode_image(path: str | os.PathLike, rgb: np.ndarray, alpha: np.ndarray | N
     ok, buf = cv2.imencode(suffix, bgr, params)
     if not ok:
         raise ValueError(f"{path}: could not encode image")
-    data = buf.tobytes()
-    if icc_profile is not None and fits_output(icc_profile, grey_output=bgr.ndim == 2):
-        data = embed_icc_profile(data, suffix, icc_profile, width=bgr.shape[1], height=bgr.shape[0],
-                                 has_alpha=alpha is not None)
-    if exif is not None:
-        data = embed_exif(data, suffix, exif, width=bgr.shape[1], height=bgr.shape[0], has_alpha=alpha is not None)
-    return data
+    if icc_profile is not None and not fits_output(icc_profile, grey_output=bgr.ndim == 2):
+        icc_profile = None
+    return embed_metadata(buf.tobytes(), suffix, icc_profile=icc_profile, exif=exif,
+                          width=bgr.shape[1], height=bgr.shape[0], has_alpha=alpha is not None)
 
 
 def write_image(path: str | os.PathLike, rgb: np.ndarray, alpha: np.ndarray | None = None, *, quality: int = 95,

@@ -4,10 +4,10 @@ A photo from a phone or a camera is often encoded in a wide-gamut space (Display
 and says so with an embedded ICC profile. The pixel values mean nothing without it: written
 back without the profile, a colour-managed viewer shows the upscale as sRGB, duller and shifted
 against the original. fsr reads the profile with the image (:func:`usable_profile`) and puts the
-same bytes into the encoded output (:func:`embed_icc_profile`), so the output looks like its
+same bytes into the encoded output (:func:`embed_metadata`), so the output looks like its
 input; the pixel data are not touched. EXIF (camera, capture time, place, ...) is carried the
-same way (:func:`upright_exif`, :func:`embed_exif`), with its orientation set to upright because
-fsr writes the pixels already turned.
+same way (:func:`upright_exif`), with its orientation set to upright because fsr writes the
+pixels already turned.
 
 Formats: PNG (``iCCP`` and ``eXIf`` chunks), JPEG (``APP2 ICC_PROFILE`` segments, split at
 65,519 bytes, and an ``APP1 Exif`` segment), WebP (``ICCP`` and ``EXIF`` chunks in the extended
@@ -48,18 +48,16 @@ def fits_output(profile: bytes, grey_output: bool) -> bool:
     return colour_space(profile) == (GREY_SPACE if grey_output else RGB_SPACE)
 
 
-def embed_icc_profile(data: bytes, suffix: str, profile: bytes, *, width: int, height: int, has_alpha: bool) -> bytes:
-    """Encoded image ``data`` (as OpenCV writes it, format by ``suffix``) -> the same image with
-    ``profile`` embedded. Formats that cannot carry one are returned unchanged."""
-    suffix = suffix.lower()
-    if suffix == ".png":
-        return _embed_png(data, profile)
-    if suffix in (".jpg", ".jpeg"):
-        return _embed_jpeg(data, profile)
-    if suffix == ".webp":
-        return _embed_webp(data, profile, width=width, height=height, has_alpha=has_alpha)
-    if suffix in (".tif", ".tiff"):
-        return _embed_tiff(data, profile)
+def embed_metadata(data: bytes, suffix: str, *, icc_profile: bytes | None, exif: bytes | None,
+                   width: int, height: int, has_alpha: bool) -> bytes:
+    """Encoded image ``data`` (as OpenCV writes it, format by ``suffix``, ``width`` x ``height``)
+    -> the same image carrying ``icc_profile`` and ``exif`` (from :func:`upright_exif`) where the
+    format holds them (see the module's list); the pixel data are not touched."""
+    size = {"width": width, "height": height, "has_alpha": has_alpha}
+    for payload, writers in ((icc_profile, _PROFILE_WRITERS), (exif, _EXIF_WRITERS)):
+        writer = writers.get(suffix.lower())
+        if payload is not None and writer is not None:
+            data = writer(data, payload, **size)
     return data
 
 
@@ -80,7 +78,7 @@ def _png_chunks(data: bytes) -> list[tuple[bytes, bytes]] | None:
     return chunks if chunks and chunks[0][0] == b"IHDR" else None
 
 
-def _embed_png(data: bytes, profile: bytes) -> bytes:
+def _embed_png(data: bytes, profile: bytes, **_size) -> bytes:
     """Insert an ``iCCP`` chunk after ``IHDR``; drop ``sRGB``/``iCCP`` chunks that would contradict it."""
     chunks = _png_chunks(data)
     if chunks is None:
@@ -90,7 +88,7 @@ def _embed_png(data: bytes, profile: bytes) -> bytes:
     return data[:8] + chunks[0][1] + iccp + b"".join(kept)
 
 
-def _embed_jpeg(data: bytes, profile: bytes) -> bytes:
+def _embed_jpeg(data: bytes, profile: bytes, **_size) -> bytes:
     """Insert ``APP2 ICC_PROFILE`` segments after SOI (and after a JFIF ``APP0`` segment)."""
     if data[:2] != b"\xff\xd8":
         return data
@@ -141,7 +139,7 @@ def _embed_webp(data: bytes, profile: bytes, *, width: int, height: int, has_alp
     return _webp_file(body)
 
 
-def _embed_tiff(data: bytes, profile: bytes) -> bytes:
+def _embed_tiff(data: bytes, profile: bytes, **_size) -> bytes:
     """Append the profile and a copy of the first IFD with tag 34675 added; point the header at it."""
     order = {b"II": "<", b"MM": ">"}.get(data[:2])
     if order is None or struct.unpack(order + "H", data[2:4])[0] != 42:  # not classic TIFF (BigTIFF: 43)
@@ -206,24 +204,16 @@ def upright_exif(exif: object) -> bytes | None:
     return bytes(tiff)
 
 
-def embed_exif(data: bytes, suffix: str, exif: bytes, *, width: int, height: int, has_alpha: bool) -> bytes:
-    """Encoded image ``data`` (format by ``suffix``) -> the same image carrying the EXIF TIFF
-    structure ``exif`` (from :func:`upright_exif`). TIFF and BMP outputs are returned unchanged."""
-    suffix = suffix.lower()
-    if suffix == ".png":
-        return _embed_png_exif(data, exif)
-    if suffix in (".jpg", ".jpeg"):
-        return _embed_jpeg_exif(data, exif)
-    if suffix == ".webp":
-        extended = _webp_extended(data, width=width, height=height, has_alpha=has_alpha)
-        if extended is None:
-            return data
-        body, _ = extended
-        return _webp_file(body[:8] + bytes((body[8] | 0x08,)) + body[9:] + _riff_chunk(b"EXIF", exif))
-    return data
+def _embed_webp_exif(data: bytes, exif: bytes, *, width: int, height: int, has_alpha: bool) -> bytes:
+    """Append an ``EXIF`` chunk (flag 0x08 in ``VP8X``)."""
+    extended = _webp_extended(data, width=width, height=height, has_alpha=has_alpha)
+    if extended is None:
+        return data
+    body, _ = extended
+    return _webp_file(body[:8] + bytes((body[8] | 0x08,)) + body[9:] + _riff_chunk(b"EXIF", exif))
 
 
-def _embed_png_exif(data: bytes, exif: bytes) -> bytes:
+def _embed_png_exif(data: bytes, exif: bytes, **_size) -> bytes:
     """Insert an ``eXIf`` chunk before the first ``IDAT``."""
     chunks = _png_chunks(data)
     if chunks is None:
@@ -235,7 +225,7 @@ def _embed_png_exif(data: bytes, exif: bytes) -> bytes:
     return data[:8] + b"".join(wholes[:first_idat]) + _png_chunk(b"eXIf", exif) + b"".join(wholes[first_idat:])
 
 
-def _embed_jpeg_exif(data: bytes, exif: bytes) -> bytes:
+def _embed_jpeg_exif(data: bytes, exif: bytes, **_size) -> bytes:
     """Insert an ``APP1 Exif`` segment after SOI (and after a JFIF ``APP0`` segment)."""
     if data[:2] != b"\xff\xd8" or len(exif) > _JPEG_APP1_MAX:
         return data
@@ -245,3 +235,9 @@ def _embed_jpeg_exif(data: bytes, exif: bytes) -> bytes:
         pos += 2 + length
     body = _EXIF_PREFIX + exif
     return data[:pos] + b"\xff\xe1" + struct.pack(">H", len(body) + 2) + body + data[pos:]
+
+
+# which writer puts a profile / EXIF into which output format (suffix)
+_PROFILE_WRITERS = {".png": _embed_png, ".jpg": _embed_jpeg, ".jpeg": _embed_jpeg, ".webp": _embed_webp,
+                    ".tif": _embed_tiff, ".tiff": _embed_tiff}
+_EXIF_WRITERS = {".png": _embed_png_exif, ".jpg": _embed_jpeg_exif, ".jpeg": _embed_jpeg_exif, ".webp": _embed_webp_exif}
