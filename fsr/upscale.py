@@ -69,7 +69,7 @@ from fsr.core.io import (
     to_tensor,
     write_image,
 )
-from fsr.core.metadata import RGB_SPACE, colour_space
+from fsr.core.metadata import fits_output
 from fsr.core.weights import WeightsError
 from fsr.core.resize import resize_bicubic
 from fsr.detect.crop import extract_square
@@ -429,7 +429,7 @@ def _write(job: Job, rgb: np.ndarray, alpha: np.ndarray | None, quality: int, im
     """Write one output atomically with its input's colour profile and EXIF: one grey channel for a grey
     input (``image.grey``) unless it carries an RGB profile (which only colour data may hold);
     a file-system failure becomes :class:`OutputWriteError`."""
-    if image.grey and not (image.icc_profile is not None and colour_space(image.icc_profile) == RGB_SPACE):
+    if image.grey and not (image.icc_profile is not None and fits_output(image.icc_profile, grey_output=False)):
         rgb = grey_channel(rgb)
     try:
         # only temporaries of this very output (``.NAME.xxxxxxxx.tmp``) that a killed run left

@@ -88,6 +88,16 @@ def _embed_png(data: bytes, profile: bytes, **_size) -> bytes:
     return data[:8] + chunks[0][1] + iccp + b"".join(kept)
 
 
+def _jpeg_segments_at(data: bytes) -> int:
+    """Where new APP segments go in a JPEG: after SOI, and after a JFIF ``APP0`` segment (which
+    must stay first)."""
+    pos = 2
+    if data[pos : pos + 2] == b"\xff\xe0":
+        (length,) = struct.unpack(">H", data[pos + 2 : pos + 4])
+        pos += 2 + length
+    return pos
+
+
 def _embed_jpeg(data: bytes, profile: bytes, **_size) -> bytes:
     """Insert ``APP2 ICC_PROFILE`` segments after SOI (and after a JFIF ``APP0`` segment)."""
     if data[:2] != b"\xff\xd8":
@@ -95,10 +105,7 @@ def _embed_jpeg(data: bytes, profile: bytes, **_size) -> bytes:
     count = -(-len(profile) // _JPEG_SEGMENT_DATA)
     if count > 255:  # the format's limit (about 16 MB)
         return data
-    pos = 2
-    if data[pos : pos + 2] == b"\xff\xe0":  # JFIF must stay first
-        (length,) = struct.unpack(">H", data[pos + 2 : pos + 4])
-        pos += 2 + length
+    pos = _jpeg_segments_at(data)
     segments = []
     for k in range(count):
         part = profile[k * _JPEG_SEGMENT_DATA : (k + 1) * _JPEG_SEGMENT_DATA]
@@ -139,12 +146,21 @@ def _embed_webp(data: bytes, profile: bytes, *, width: int, height: int, has_alp
     return _webp_file(body)
 
 
+def _tiff_header(data: bytes | bytearray) -> tuple[str, int] | None:
+    """A classic TIFF structure's byte order (struct prefix) and first IFD offset; None for
+    anything else (BigTIFF included)."""
+    order = {b"II": "<", b"MM": ">"}.get(bytes(data[:2]))
+    if order is None or len(data) < 8 or struct.unpack(order + "H", data[2:4])[0] != 42:
+        return None
+    return order, struct.unpack(order + "I", data[4:8])[0]
+
+
 def _embed_tiff(data: bytes, profile: bytes, **_size) -> bytes:
     """Append the profile and a copy of the first IFD with tag 34675 added; point the header at it."""
-    order = {b"II": "<", b"MM": ">"}.get(data[:2])
-    if order is None or struct.unpack(order + "H", data[2:4])[0] != 42:  # not classic TIFF (BigTIFF: 43)
+    header = _tiff_header(data)
+    if header is None:
         return data
-    (ifd,) = struct.unpack(order + "I", data[4:8])
+    order, ifd = header
     (count,) = struct.unpack(order + "H", data[ifd : ifd + 2])
     entries = [data[ifd + 2 + 12 * k : ifd + 14 + 12 * k] for k in range(count)]
     next_ifd = data[ifd + 2 + 12 * count : ifd + 6 + 12 * count]
@@ -182,12 +198,10 @@ def upright_exif(exif: object) -> bytes | None:
     if not isinstance(exif, (bytes, bytearray)):
         return None
     tiff = bytearray(exif[len(_EXIF_PREFIX):] if exif[: len(_EXIF_PREFIX)] == _EXIF_PREFIX else exif)
-    order = {b"II": "<", b"MM": ">"}.get(bytes(tiff[:2]))
-    if order is None or len(tiff) < 8 or struct.unpack(order + "H", tiff[2:4])[0] != 42:
+    header = _tiff_header(tiff)
+    if header is None or header[1] + 2 > len(tiff):
         return None
-    (ifd,) = struct.unpack(order + "I", tiff[4:8])
-    if ifd + 2 > len(tiff):
-        return None
+    order, ifd = header
     (count,) = struct.unpack(order + "H", tiff[ifd : ifd + 2])
     if ifd + 2 + 12 * count > len(tiff):
         return None
@@ -229,10 +243,7 @@ def _embed_jpeg_exif(data: bytes, exif: bytes, **_size) -> bytes:
     """Insert an ``APP1 Exif`` segment after SOI (and after a JFIF ``APP0`` segment)."""
     if data[:2] != b"\xff\xd8" or len(exif) > _JPEG_APP1_MAX:
         return data
-    pos = 2
-    if data[pos : pos + 2] == b"\xff\xe0":
-        (length,) = struct.unpack(">H", data[pos + 2 : pos + 4])
-        pos += 2 + length
+    pos = _jpeg_segments_at(data)
     body = _EXIF_PREFIX + exif
     return data[:pos] + b"\xff\xe1" + struct.pack(">H", len(body) + 2) + body + data[pos:]
 
