@@ -11,8 +11,9 @@ import torch
 from PIL import Image
 
 from fsr.core.device import Compute
-from fsr.core.weights import WeightsError
+from fsr.core.weights import WeightsError, find_weights, load_safetensors
 from fsr.models.face import FACE_MODELS, FaceWeightsNotFoundError, create_face_model
+from fsr.models.face.dlib_resnet import DLIB_WEIGHTS_FILE, ChannelAffine, DlibResNet
 from fsr.models.face.align import align_faces, apply_transform, similarity_transform, warp_affine
 from tools.fit_dlib_template import dlib_chip_matrix, fit_template, nearest_detection
 from fsr.models.face.lightcnn import LightCNN29v2
@@ -74,10 +75,29 @@ def test_dat_reader_gives_the_shipped_weights(dlib_model):
     # the traps: every stride-2 conv has padding 0
     assert all(l.fields["padding_y"] == 0 for l in network.layers if l.kind == "con" and l.fields["stride_y"] == 2)
     state = dlib_state_dict_from_dat(network)
-    shipped = dlib_model.state_dict()
+    shipped = load_safetensors(find_weights(DLIB_WEIGHTS_FILE))
+    assert set(state) == set(shipped)
     for key, value in state.items():
         if key != "mean_descriptor":
-            assert torch.equal(value, shipped[key].cpu()), key
+            assert torch.equal(value, shipped[key]), key
+
+
+def test_folding_the_affine_layers_keeps_the_descriptors(dlib_model, reference):
+    """The loaded model has each affine layer folded into its convolution; on dlib's own chips
+    it gives the descriptors of the model as shipped (affine layers apart) to float rounding."""
+    unfolded = DlibResNet()
+    unfolded.load_state_dict(load_safetensors(find_weights(DLIB_WEIGHTS_FILE)))
+    unfolded.freeze().place(CPU)
+    assert not any(isinstance(m, ChannelAffine) for m in dlib_model.modules())
+    assert sum(isinstance(m, ChannelAffine) for m in unfolded.modules()) == 29
+    chips = torch.from_numpy(reference["chips"][:32]).permute(0, 3, 1, 2).float() / 255.0
+    with torch.no_grad():
+        folded_desc, folded_feats = dlib_model.embedding_and_features(chips)
+        plain_desc, plain_feats = unfolded.embedding_and_features(chips)
+    assert (folded_desc - plain_desc).abs().max() < 1e-5
+    assert plain_desc.norm(dim=1).min() > 0.1  # real descriptors, not zeros
+    for a, b in zip(folded_feats, plain_feats):
+        assert (a - b).abs().max() < 1e-4 * max(1.0, float(b.abs().max()))
 
 
 def test_mean_descriptor_centres_lfw_descriptors(dlib_model):

@@ -307,6 +307,7 @@ def evaluate_chunks(
                                                     None if chunk.lr is None else chunk.lr[i]))
                 seen += 1
             progress.advance(task, len(chunk.keys))
+        progress.update(task, total=seen)  # unreadable or mismatched images were skipped: the bar ends full
     missing = heatmap_keys - {r["image"] for r in report.rows}
     report.skipped += [f"{k}: heatmap requested but the image was not evaluated" for k in sorted(missing)]
     return report

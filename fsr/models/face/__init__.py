@@ -77,6 +77,7 @@ def _load_dlib(model: DlibResNet, weights: str | os.PathLike | None) -> None:
     if set(state) != set(expected) or any(tuple(state[k].shape) != tuple(v.shape) for k, v in expected.items()):
         raise WeightsError(f"{path}: not fsr's dlib ResNet v1 weights (keys or shapes differ)")
     model.load_state_dict(state, strict=True)
+    model.fold_affines()
 
 
 def _load_sphereface(model: SphereFace20a, weights: str | os.PathLike | None) -> None:
