@@ -591,11 +591,19 @@ def admitted_faces(faces: list[Face], records: list[dict], models: RunModels, op
     return chosen
 
 
+#: ``on_face(done, total)``: progress of one photo's faces through the model
+FaceProgress = Callable[[int, int], None]
+
+
 def super_resolve_faces(image: LoadedImage, canvas: np.ndarray, faces: list[Face], chosen: list[int],
-                        models: RunModels, options: UpscaleOptions) -> tuple[list[torch.Tensor], list]:
+                        models: RunModels, options: UpscaleOptions,
+                        on_face: FaceProgress | None = None) -> tuple[list[torch.Tensor], list]:
     """SR windows (3, scale*S, scale*S) of the chosen faces (square plus context), and the
-    identity drift of each face square against the same square of the classical ``canvas``."""
+    identity drift of each face square against the same square of the classical ``canvas``.
+    ``on_face(done, total)`` is called before the first face and after each one."""
     scale, srs, drifts = options.scale, [], []
+    if on_face is not None:
+        on_face(0, len(chosen))
     for k in chosen:
         window = face_window(faces[k], options.margin)
         sr = super_resolve_window(models.system, image.rgb, window, options.sr_tile)
@@ -611,19 +619,23 @@ def super_resolve_faces(image: LoadedImage, canvas: np.ndarray, faces: list[Face
         else:
             drifts.append(None)
         srs.append(sr)
+        if on_face is not None:
+            on_face(len(srs), len(chosen))
     return srs, drifts
 
 
-def upscale_photo(image: LoadedImage, models: RunModels, options: UpscaleOptions) -> PhotoFaces:
+def upscale_photo(image: LoadedImage, models: RunModels, options: UpscaleOptions,
+                  on_face: FaceProgress | None = None) -> PhotoFaces:
     """Whole photo -> classical upscale by ``scale`` with every admitted real face replaced by its
-    SR version at its own resolution (feathered paste-back), plus the per-face records."""
+    SR version at its own resolution (feathered paste-back), plus the per-face records.
+    ``on_face(done, total)`` follows the faces through the model (a group photo's take a while)."""
     scale = options.scale
     canvas = classical_upscale(image.rgb, scale, options.tile)
     alpha = None if image.alpha is None else classical_upscale(image.alpha, scale, options.tile)
     faces = find_faces(models.detector(), image.rgb_uint8(), options.face_filter(), options.detect_max_pixels)
     records = [face_record(face) for face in faces]
     chosen = admitted_faces(faces, records, models, options)
-    srs, drifts = super_resolve_faces(image, canvas, faces, chosen, models, options)
+    srs, drifts = super_resolve_faces(image, canvas, faces, chosen, models, options, on_face)
     for k, sr, drift in zip(chosen, srs, drifts):
         records[k]["drift"] = drift
         records[k]["reason"] = drift_reason(drift, options.max_drift)
@@ -735,13 +747,14 @@ def load_job(job: Job, options: UpscaleOptions) -> _Loaded:
     return item
 
 
-def run_photo_job(item: _Loaded, models: RunModels, options: UpscaleOptions) -> ImageResult:
+def run_photo_job(item: _Loaded, models: RunModels, options: UpscaleOptions,
+                  on_face: FaceProgress | None = None) -> ImageResult:
     """Upscale and write one photo; every failure becomes a ``failed`` result."""
     image = item.image
     item.image = None
     t0 = time.perf_counter()
     try:
-        photo = upscale_photo(image, models, options)
+        photo = upscale_photo(image, models, options, on_face)
         _write(item.job, photo.rgb, photo.alpha, options.quality, image)
     except OutputWriteError as exc:
         if exc.disk_unusable:
@@ -819,6 +832,28 @@ def _result(item: _Loaded, status: str, *, reason: str = "", image: LoadedImage 
     )
 
 
+class PhotoFacesBar:
+    """A second progress line under the images' bar, "faces of NAME 12/46", shown while a photo
+    with at least ``min_faces`` faces to super-resolve goes through the model."""
+
+    def __init__(self, progress, min_faces: int = 2) -> None:
+        self.progress = progress
+        self.min_faces = min_faces
+        self.task = progress.add_task("faces", total=1, visible=False, unit="face")
+
+    def follow(self, name: str) -> FaceProgress:
+        def on_face(done: int, total: int) -> None:
+            if done == 0:  # a new photo: its own count, rate and ETA
+                self.progress.reset(self.task, total=max(1, total), description=f"  faces of {name}",
+                                    visible=total >= self.min_faces)
+            else:
+                self.progress.update(self.task, completed=done)
+        return on_face
+
+    def hide(self) -> None:
+        self.progress.update(self.task, visible=False)
+
+
 def run_pending(plan: RunPlan, models: RunModels, options: UpscaleOptions) -> tuple[dict[Path, ImageResult], float]:
     """Load ahead in a thread pool; upscale and write each photo, and face crops in batches.
 
@@ -833,6 +868,7 @@ def run_pending(plan: RunPlan, models: RunModels, options: UpscaleOptions) -> tu
     try:
         with progress:
             task = progress.add_task("upscale", total=len(plan.pending))
+            faces = PhotoFacesBar(progress)
             for item in _prefetch(lambda job: load_job(job, options), plan.pending, pool, window=max(8, min(chunk, 64))):
                 if item.error:
                     done = [_result(item, "failed", reason=item.error)]
@@ -840,7 +876,8 @@ def run_pending(plan: RunPlan, models: RunModels, options: UpscaleOptions) -> tu
                     crops.append(item)
                     done, crops = (run_crop_jobs(crops, models, options), []) if len(crops) >= chunk else ([], crops)
                 else:
-                    done = [run_photo_job(item, models, options)]
+                    done = [run_photo_job(item, models, options, faces.follow(item.job.input.name))]
+                    faces.hide()
                 results.update((Path(r.input), r) for r in done)
                 progress.advance(task, len(done))
             if crops:

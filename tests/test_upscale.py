@@ -240,6 +240,39 @@ def test_photo_mode_replaces_every_face_and_keeps_the_rest(tmp_path, tiny_model,
         assert np.array_equal(out[far], classical[far])
 
 
+def test_a_photos_faces_are_followed_through_the_model_on_a_second_progress_line(tiny_model, compute):
+    """A group photo's faces take a while on a CPU: ``on_face(done, total)`` is called before the
+    first face and after each one, and the faces line shows them (not for a photo of one face)."""
+    from rich.progress import Progress
+
+    from fsr.detect.mtcnn import MTCNN
+    from fsr.upscale import PhotoFacesBar, RunModels, upscale_photo
+
+    image = read_image(WILD_DIR / "img38.jpg")  # faces of about 100 and 35 px
+    system = load_sr_system(str(tiny_model), compute)
+    models = RunModels(system, compute, MTCNN.load(compute))
+    opts = options(mode="photo", model=str(tiny_model), scale=2, threshold=0)
+    calls: list[tuple[int, int]] = []
+    photo = upscale_photo(image, models, opts, on_face=lambda done, total: calls.append((done, total)))
+    sr_faces = sum(r["route"] == "sr" for r in photo.faces)
+    assert sr_faces >= 2
+    assert calls == [(k, sr_faces) for k in range(sr_faces + 1)]
+    assert np.array_equal(photo.rgb, upscale_photo(image, models, opts).rgb)  # following changes nothing
+
+    progress = Progress(disable=True)
+    bar = PhotoFacesBar(progress)
+    task = progress.tasks[bar.task]
+    follow = bar.follow("group.jpg")
+    follow(0, 3)
+    follow(2, 3)
+    assert task.visible and task.total == 3 and task.completed == 2 and "group.jpg" in task.description
+    assert task.fields["unit"] == "face"
+    bar.hide()
+    assert not task.visible
+    bar.follow("portrait.jpg")(0, 1)  # one face: no second line
+    assert not task.visible and task.completed == 0
+
+
 def test_photo_threshold_routes_only_small_faces(tmp_path, tiny_model, compute):
     from fsr.detect.mtcnn import MTCNN
 

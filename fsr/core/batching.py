@@ -93,11 +93,12 @@ class RateColumn(TextColumn):
     def render(self, task):  # type: ignore[override]
         from rich.text import Text
 
+        unit = task.fields.get("unit", self.unit)  # a task may count other items than the bar's
         elapsed = task.finished_time if task.finished else task.elapsed
         speed = task.completed / elapsed if elapsed and task.completed else None
         if speed is None:
-            return Text(f"? {self.unit}/s", style="progress.data.speed")
-        return Text(f"{speed:,.1f} {self.unit}/s", style="progress.data.speed")
+            return Text(f"? {unit}/s", style="progress.data.speed")
+        return Text(f"{speed:,.1f} {unit}/s", style="progress.data.speed")
 
 
 def make_progress(unit: str = "img", *, disable: bool = False, transient: bool = False) -> Progress:
