@@ -6,6 +6,10 @@ Runs ``fsr metrics --data SET --system bicubic --system MODEL...`` on each prepa
 PSNR and SSIM gain over bicubic and the change of the mean dlib SR-HR distance, with the
 paper's Table 1 rows (CelebA, 32 -> 128) beside it. Writes the figures as JSON and Markdown.
 
+The held-out sets, one per margin M:
+  fsr prepare ../shared/data/celeba_train data/celeba_test_mM --only-identities fsr:celeba-test \\
+      --split test --margin M
+
 Usage:
   python benchmarks/heldout.py --set celeba_m0.1=data/celeba_test_m0.1 \\
       --set celeba_m0.25=data/celeba_test_m0.25 --set celeba_m0.4=data/celeba_test_m0.4 \\

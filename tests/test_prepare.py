@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 from fsr.cli import app
 from fsr.core.device import Compute
 from fsr.data.manifest import read_manifest, read_rejects
-from fsr.data.prepare import JOURNAL_FILE, PrepareConfig, list_work, prepare_dataset, read_name_list
+from fsr.data.prepare import JOURNAL_FILE, PrepareConfig, identity_list_path, list_work, prepare_dataset, read_name_list
 from tests.conftest import LFW_DIR, REPO, SHARED_DATA
 from tests.test_io import make_declared_huge_png
 
@@ -161,6 +161,46 @@ def test_small_faces_enlarged_to_the_hr_size_are_counted_and_min_face_drops_them
     assert "face too small" in dict(read_rejects(tmp_path / "out86"))["Aaron_Peirsol/small.png"]
     assert json.loads((tmp_path / "out86" / "summary.json").read_text())["faces_enlarged"] == 0
     assert "HR enlarged" not in again.output and "faces were cut smaller" not in again.output
+
+
+def test_held_out_celeba_identities_by_name_and_several_identity_lists(tmp_path):
+    """fsr:celeba-test names fsr's held-out CelebA identities: --only-identities keeps exactly
+    them (the held-out test split in one command), and --exclude-identities, repeated, leaves
+    them and every LFW pairs.txt name out of a training set."""
+    celeba = SHARED_DATA / "celeba_train"
+    held_out = read_name_list(identity_list_path("fsr:celeba-test"))
+    assert len(held_out) == 40 and held_out <= {p.name for p in celeba.iterdir() if p.is_dir()}
+
+    items, _, left_out = list_work([celeba], tmp_path / "test", PrepareConfig(only_identities=identity_list_path("fsr:celeba-test"),
+                                                                             split="test"), seed=0)
+    assert {i.identity for i in items} == held_out and {i.split for i in items} == {"test"}
+    assert left_out > len(items) > 500
+
+    src = tmp_path / "src"
+    copy_lfw(src, {"Aaron_Peirsol": 1, "Aaron_Pena": 1})  # named in pairs.txt / never named
+    shutil.copytree(celeba / sorted(held_out)[0], src / sorted(held_out)[0])
+    kept_celeba = sorted(p.name for p in celeba.iterdir() if p.is_dir() and p.name not in held_out)[0]
+    shutil.copytree(celeba / kept_celeba, src / kept_celeba)
+    pairs = SHARED_DATA / "lfw" / "pairs.txt"
+    config = PrepareConfig(exclude_identities=(pairs, identity_list_path("fsr:celeba-test")))
+    items, _, _ = list_work([src], tmp_path / "train", config, seed=0)
+    assert {i.identity for i in items} == {"Aaron_Pena", kept_celeba}
+
+    args = ["prepare", str(src / "Aaron_Pena"), str(src / "Aaron_Peirsol"), str(tmp_path / "out"), "--split", "train",
+            "--exclude-identities", str(pairs), "--exclude-identities", "fsr:celeba-test", "--device", "cpu", "--no-progress"]
+    first = CliRunner().invoke(app, args, terminal_width=200)
+    assert first.exit_code == 0, first.output
+    assert [r.identity for r in read_manifest(tmp_path / "out")] == ["Aaron_Pena"]
+    recorded = json.loads((tmp_path / "out" / "prepare.json").read_text())["config"]["exclude_identities"]
+    assert recorded == [str(pairs.resolve()), str(identity_list_path("fsr:celeba-test").resolve())]
+    again = CliRunner().invoke(app, args, terminal_width=200)  # the same settings: a re-run, not a clash
+    assert again.exit_code == 0 and "different settings" not in again.output, again.output
+
+    for bad, says in (("fsr:celeba-tset", "no such identity list in fsr (known: fsr:celeba-test)"),
+                      (str(tmp_path / "none.txt"), "--only-identities file not found")):
+        result = CliRunner().invoke(app, ["prepare", str(src), str(tmp_path / "bad"), "--only-identities", bad])
+        assert result.exit_code == 2 and says in " ".join(result.output.split()), result.output
+    assert not (tmp_path / "bad").exists()
 
 
 def test_identities_partition_exclusion_and_forced_split(tmp_path):

@@ -20,8 +20,18 @@ from fsr.commands.common import (
 )
 from fsr.core.io import DEFAULT_MAX_PIXELS, describe_os_error
 from fsr.core.weights import WeightsError
-from fsr.data.prepare import PrepareConfig, PrepareError, prepare_dataset
+from fsr.data.prepare import PrepareConfig, PrepareError, identity_list_path, prepare_dataset
 from fsr.data.selection import SelectionError, select_images
+
+
+ExcludeIdentitiesOpt = typer.Option(
+    [], "--exclude-identities", help="Skip these identities: an LFW pairs.txt (every name in it), a file of one name per "
+    "line, or fsr:celeba-test (fsr's held-out CelebA identities). Repeatable.", show_default=False, metavar="FILE",
+)
+OnlyIdentitiesOpt = typer.Option(
+    [], "--only-identities", help="Keep only these identities (same forms as --exclude-identities). Repeatable.",
+    show_default=False, metavar="FILE",
+)
 
 
 def prepare_command(
@@ -38,9 +48,8 @@ def prepare_command(
     test_fraction: float = typer.Option(0.1, "--test-fraction", min=0.0, max=1.0, help="Fraction of identities put in the test split (random by --seed)."),
     val_fraction: float = typer.Option(0.0, "--val-fraction", min=0.0, max=1.0, help="Fraction of identities put in the val split (random by --seed)."),
     split: str | None = typer.Option(None, "--split", help="Put every face into this split: train | val | test (overrides the fractions and --partition)."),
-    exclude_identities: Path | None = typer.Option(
-        None, "--exclude-identities", help="Skip these identities: an LFW pairs.txt (every name in it) or one name per line."
-    ),
+    exclude_identities: list[str] = ExcludeIdentitiesOpt,
+    only_identities: list[str] = OnlyIdentitiesOpt,
     all_faces: bool = typer.Option(False, "--all-faces", help="Keep every face found, not only one per image."),
     select: str = typer.Option("confident", "--select", help="Which face to keep without --all-faces: confident | largest | center (nearest the image centre)."),
     margin: float = typer.Option(0.25, "--margin", min=0.0, help="Context around the face box: crop side = max(box w, h) * (1 + 2*margin); 0.25 = 1.5x the box."),
@@ -68,9 +77,11 @@ def prepare_command(
     if len(paths) < 2:
         fail("give at least one source and the destination: fsr prepare SRC [SRC...] DST")
     *sources, dst = paths
-    for option, value in (("--identities", identities), ("--partition", partition), ("--exclude-identities", exclude_identities)):
+    for option, value in (("--identities", identities), ("--partition", partition)):
         if value is not None and not value.is_file():
             fail(f"{value}: {option} file not found")
+    excluded_lists = _identity_lists("--exclude-identities", exclude_identities)
+    only_lists = _identity_lists("--only-identities", only_identities)
     sources = _selected_sources(sources, pairs, limit)
     compute = make_compute(device, precision, batch_size, threads, seed)
     config = PrepareConfig(
@@ -79,7 +90,8 @@ def prepare_command(
         test_fraction=test_fraction,
         val_fraction=val_fraction,
         split=split,
-        exclude_identities=exclude_identities,
+        exclude_identities=excluded_lists,
+        only_identities=only_lists,
         all_faces=all_faces,
         select=select,
         margin=margin,
@@ -98,12 +110,31 @@ def prepare_command(
     except KeyboardInterrupt:
         fail(f"interrupted; finished chunks are kept in {dst}: run the same command again to resume", code=130)
 
+    _print_results(summary, dst, config.size)
+
+
+def _print_results(summary, dst: Path, size: int) -> None:
+    """The summary table, where the files are, the note on enlarged faces; exit 1 when nothing was prepared."""
     console.print(_summary_table(summary, dst))
     console.print(f"manifest: {dst / 'manifest.csv'}  rejects: {dst / 'rejects.csv'}  ({summary.device})")
     if summary.faces_enlarged:
-        console.print(_enlarged_note(summary, config.size))
+        console.print(_enlarged_note(summary, size))
     if summary.faces == 0:
         fail("nothing could be prepared", code=1)
+
+
+def _identity_lists(option: str, specs: list[str]) -> tuple[Path, ...]:
+    """The files of an identity-list option (paths or fsr:NAME); one line and exit when one is missing."""
+    paths = []
+    for spec in specs:
+        try:
+            path = identity_list_path(spec)
+        except PrepareError as exc:
+            fail(f"{option} {exc}")
+        if not path.is_file():
+            fail(f"{spec}: {option} file not found")
+        paths.append(path)
+    return tuple(paths)
 
 
 def _selected_sources(sources: list[Path], pairs: Path | None, limit: int) -> list[Path]:

@@ -69,6 +69,11 @@ SUMMARY_FILE = "summary.json"
 OWNED_FILES = (MANIFEST_FILE, REJECTS_FILE, SUMMARY_FILE, SETTINGS_FILE, JOURNAL_FILE)  # fsr prepare's own files in DST
 SELECT_CHOICES = ("confident", "largest", "center")
 FORMAT_VERSION = 1
+#: identity lists that ship with fsr, named ``fsr:NAME`` in --exclude-identities / --only-identities
+SHIPPED_IDENTITY_LISTS = {
+    # fsr's held-out CelebA test identities (40 of ../shared/data/celeba_train): never trained or tuned on
+    "celeba-test": Path(__file__).parent / "splits" / "celeba_test_identities.txt",
+}
 
 
 class PrepareError(RuntimeError):
@@ -84,7 +89,8 @@ class PrepareConfig:
     test_fraction: float = 0.1  # of identities, when splitting by seed
     val_fraction: float = 0.0
     split: str | None = None  # force every face into this split
-    exclude_identities: Path | None = None  # pairs.txt or one name per line
+    exclude_identities: tuple[Path, ...] = ()  # skip these: pairs.txt files or one name per line
+    only_identities: tuple[Path, ...] = ()  # keep only these (same formats); () = every identity
     all_faces: bool = False
     select: str = "confident"  # which face when not all_faces
     margin: float = DEFAULT_MARGIN
@@ -95,6 +101,32 @@ class PrepareConfig:
     max_pixels: int = DEFAULT_MAX_PIXELS
     thresholds: tuple[float, float, float] = (0.6, 0.7, 0.7)
     factor: float = 0.709
+
+    def __post_init__(self) -> None:
+        self.exclude_identities = _path_tuple(self.exclude_identities)
+        self.only_identities = _path_tuple(self.only_identities)
+
+
+def _path_tuple(value) -> tuple[Path, ...]:
+    """None, one path or several -> a tuple of paths."""
+    if value is None:
+        return ()
+    if isinstance(value, (str, os.PathLike)):
+        return (Path(value),)
+    return tuple(Path(v) for v in value)
+
+
+def identity_list_path(spec: str | os.PathLike) -> Path:
+    """The file an identity-list argument names: a path, or ``fsr:NAME`` for a list fsr ships
+    (``fsr:celeba-test``: fsr's held-out CelebA identities). PrepareError for an unknown name."""
+    text = str(spec)
+    if text.startswith("fsr:"):
+        path = SHIPPED_IDENTITY_LISTS.get(text[4:])
+        if path is None:
+            raise PrepareError(f"{text}: no such identity list in fsr (known: "
+                               + ", ".join(f"fsr:{name}" for name in SHIPPED_IDENTITY_LISTS) + ")")
+        return path
+    return Path(spec)
 
 
 @dataclass
@@ -245,7 +277,8 @@ def list_work(
 
     identity_table = _read_key_value_file(config.identities_file, "identity") if config.identities_file else None
     partition_table = _read_key_value_file(config.partition_file, "partition") if config.partition_file else None
-    excluded_names = read_name_list(config.exclude_identities) if config.exclude_identities else set()
+    excluded_names = set().union(*(read_name_list(path) for path in config.exclude_identities))
+    only_names = set().union(*(read_name_list(path) for path in config.only_identities)) if config.only_identities else None
 
     rejects: list[tuple[str, str]] = listing_rejects
     staged: list[tuple[str, Path, str]] = []
@@ -259,7 +292,7 @@ def list_work(
         else:
             parts = key.split("/")
             identity = parts[-2] if len(parts) >= 2 else Path(parts[-1]).stem
-        if identity in excluded_names:
+        if identity in excluded_names or (only_names is not None and identity not in only_names):
             excluded += 1
             continue
         staged.append((key, path, identity))
@@ -296,8 +329,12 @@ def _settings(sources: list[Path], config: PrepareConfig, seed: int, chunk_size:
     """The settings that decide the results; a DST made with others cannot be resumed."""
     data = asdict(config)
     data.pop("workers")
-    for key in ("identities_file", "partition_file", "exclude_identities"):
+    for key in ("identities_file", "partition_file"):
         data[key] = str(Path(data[key]).resolve()) if data[key] else None
+    data["exclude_identities"] = _paths_setting(config.exclude_identities)
+    data["only_identities"] = _paths_setting(config.only_identities)
+    if data["only_identities"] is None:
+        del data["only_identities"]  # as DSTs prepared before the option record it: they resume
     data["thresholds"] = list(config.thresholds)
     return {
         "format": FORMAT_VERSION,
@@ -306,6 +343,12 @@ def _settings(sources: list[Path], config: PrepareConfig, seed: int, chunk_size:
         "chunk_size": chunk_size,
         "config": data,
     }
+
+
+def _paths_setting(paths: tuple[Path, ...]) -> str | list[str] | None:
+    """Identity-list files as settings record them: none, one path (as always), or a list."""
+    resolved = [str(path.resolve()) for path in paths]
+    return None if not resolved else resolved[0] if len(resolved) == 1 else resolved
 
 
 def _load_settings(dst: Path, wanted: dict) -> dict:
