@@ -5,10 +5,13 @@ Every subcommand parses its options, calls one library function and prints the r
 
 from __future__ import annotations
 
+import warnings
+
 import typer
 
 from fsr import __version__
 from fsr.commands import metrics, prepare, train, upscale, verify
+from fsr.commands.common import show_warning_line
 
 app = typer.Typer(
     name="fsr",
@@ -33,6 +36,7 @@ def main(
     ),
 ) -> None:
     """fsr: face super-resolution that keeps identity."""
+    warnings.showwarning = show_warning_line  # warnings as one line each, like errors
 
 
 app.command("prepare")(prepare.prepare_command)

@@ -737,6 +737,20 @@ def test_drift_flags_another_persons_face_and_spares_the_models_own_faces(tmp_pa
 # ----------------------------------------------------------------------------- the newcomer's path
 
 
+def test_warnings_reach_the_user_as_one_line(tmp_path):
+    """A warning (here: fp16 asked for on a CPU) is one "warning:" line, not Python's
+    "file:line: UserWarning" with the source line under it."""
+    crop = tmp_path / "face.png"
+    Image.fromarray(centre_crop(lfw_faces(1)[0], 32)).save(crop)
+    result = run_cli(str(crop), str(tmp_path / "out.png"), "--mode", "faces", "--model", "bicubic",
+                     "--device", "cpu", "--precision", "fp16")
+    assert result.returncode == 0, result.stderr
+    warned = [line for line in result.stderr.splitlines() if "fp16" in line]
+    assert warned == ["warning: precision fp16 is not used on the CPU; running in fp32"], result.stderr
+    assert "UserWarning" not in result.stderr and "device.py" not in result.stderr
+    assert read_image(tmp_path / "out.png").rgb.shape == (128, 128, 3)
+
+
 def test_help_of_every_subcommand_fits_80_columns():
     runner = CliRunner()
     for command in ("prepare", "train", "upscale", "metrics", "verify-sweep", "verify"):

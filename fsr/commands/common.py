@@ -8,6 +8,7 @@ from typing import NoReturn, get_args
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from fsr.core.device import Compute, DeviceError
 
@@ -29,6 +30,12 @@ def make_compute(device: str, precision: str, batch_size: int = 64, threads: int
         return Compute.create(device=device, precision=precision, batch_size=batch_size, seed=seed, threads=threads or None)
     except DeviceError as exc:
         fail(str(exc))
+
+
+def show_warning_line(message, category, filename, lineno, file=None, line=None) -> None:
+    """``warnings.showwarning`` for the command line: one line, "warning: MESSAGE", without the
+    Python source file and line that the default prints."""
+    err_console.print(f"[yellow]warning:[/] {escape(str(message))}", highlight=False, soft_wrap=True)
 
 
 def fail(message: str, code: int = 2) -> NoReturn:
