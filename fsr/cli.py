@@ -11,7 +11,7 @@ import typer
 
 from fsr import __version__
 from fsr.commands import metrics, prepare, train, upscale, verify
-from fsr.commands.common import show_warning_line
+from fsr.commands.common import format_warning_line
 
 app = typer.Typer(
     name="fsr",
@@ -36,7 +36,7 @@ def main(
     ),
 ) -> None:
     """fsr: face super-resolution that keeps identity."""
-    warnings.showwarning = show_warning_line  # warnings as one line each, like errors
+    warnings.formatwarning = format_warning_line  # warnings as one line each, like errors
 
 
 app.command("prepare")(prepare.prepare_command)

@@ -20,7 +20,8 @@ from fsr.commands.common import (
 )
 from fsr.core.io import DEFAULT_MAX_PIXELS, describe_os_error
 from fsr.core.weights import WeightsError
-from fsr.data.prepare import PrepareConfig, PrepareError, identity_list_path, prepare_dataset
+from fsr.data.identities import IdentityListError, identity_list_path
+from fsr.data.prepare import PrepareConfig, PrepareError, prepare_dataset
 from fsr.data.selection import SelectionError, select_images
 
 
@@ -129,7 +130,7 @@ def _identity_lists(option: str, specs: list[str]) -> tuple[Path, ...]:
     for spec in specs:
         try:
             path = identity_list_path(spec)
-        except PrepareError as exc:
+        except IdentityListError as exc:
             fail(f"{option} {exc}")
         if not path.is_file():
             fail(f"{spec}: {option} file not found")

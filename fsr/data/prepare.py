@@ -60,6 +60,7 @@ from fsr.data.manifest import (
     write_manifest,
     write_rejects,
 )
+from fsr.data.identities import IdentityListError, identity_list_path, read_name_list  # noqa: F401 - part of this API
 from fsr.detect.crop import DEFAULT_MARGIN, crop_square, square_box
 from fsr.detect.mtcnn import MTCNN
 
@@ -69,11 +70,6 @@ SUMMARY_FILE = "summary.json"
 OWNED_FILES = (MANIFEST_FILE, REJECTS_FILE, SUMMARY_FILE, SETTINGS_FILE, JOURNAL_FILE)  # fsr prepare's own files in DST
 SELECT_CHOICES = ("confident", "largest", "center")
 FORMAT_VERSION = 1
-#: identity lists that ship with fsr, named ``fsr:NAME`` in --exclude-identities / --only-identities
-SHIPPED_IDENTITY_LISTS = {
-    # fsr's held-out CelebA test identities (40 of ../shared/data/celeba_train): never trained or tuned on
-    "celeba-test": Path(__file__).parent / "splits" / "celeba_test_identities.txt",
-}
 
 
 class PrepareError(RuntimeError):
@@ -116,19 +112,6 @@ def _path_tuple(value) -> tuple[Path, ...]:
     return tuple(Path(v) for v in value)
 
 
-def identity_list_path(spec: str | os.PathLike) -> Path:
-    """The file an identity-list argument names: a path, or ``fsr:NAME`` for a list fsr ships
-    (``fsr:celeba-test``: fsr's held-out CelebA identities). PrepareError for an unknown name."""
-    text = str(spec)
-    if text.startswith("fsr:"):
-        path = SHIPPED_IDENTITY_LISTS.get(text[4:])
-        if path is None:
-            raise PrepareError(f"{text}: no such identity list in fsr (known: "
-                               + ", ".join(f"fsr:{name}" for name in SHIPPED_IDENTITY_LISTS) + ")")
-        return path
-    return Path(spec)
-
-
 @dataclass
 class PrepareSummary:
     """Counts and timings of one ``prepare_dataset`` run (also written to DST/summary.json)."""
@@ -167,30 +150,6 @@ class WorkItem:
 
 
 # ----------------------------------------------------------------------------- inputs
-
-
-def read_name_list(path: str | os.PathLike) -> set[str]:
-    """Identities named in an LFW ``pairs.txt`` (or ``people.txt``) or a one-name-per-line file."""
-    names: set[str] = set()
-    try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except OSError as exc:
-        raise PrepareError(f"{path}: cannot read identity list ({exc.strerror or exc})") from None
-    for line in lines:
-        parts = line.split()
-        if not parts or parts[0].startswith("#"):
-            continue
-        if len(parts) == 2 and all(p.isdigit() for p in parts):
-            continue  # pairs.txt header such as "10 300" (a lone number is a CelebA identity)
-        if len(parts) == 4 and parts[1].isdigit() and parts[3].isdigit():
-            names.update((parts[0], parts[2]))  # different-person pair
-        elif len(parts) in (2, 3) and all(p.isdigit() for p in parts[1:]):
-            names.add(parts[0])  # same-person pair / people.txt "name count"
-        elif len(parts) == 1:
-            names.add(parts[0])
-        else:
-            names.add(" ".join(parts))
-    return names
 
 
 def _read_key_value_file(path: Path, what: str) -> dict[str, str]:
@@ -277,8 +236,11 @@ def list_work(
 
     identity_table = _read_key_value_file(config.identities_file, "identity") if config.identities_file else None
     partition_table = _read_key_value_file(config.partition_file, "partition") if config.partition_file else None
-    excluded_names = set().union(*(read_name_list(path) for path in config.exclude_identities))
-    only_names = set().union(*(read_name_list(path) for path in config.only_identities)) if config.only_identities else None
+    try:
+        excluded_names = set().union(*(read_name_list(path) for path in config.exclude_identities))
+        only_names = set().union(*(read_name_list(path) for path in config.only_identities)) if config.only_identities else None
+    except IdentityListError as exc:
+        raise PrepareError(str(exc)) from None
 
     rejects: list[tuple[str, str]] = listing_rejects
     staged: list[tuple[str, Path, str]] = []

@@ -39,6 +39,7 @@ from fsr.data.dataset import (
     split_train_val,
 )
 from fsr.data.degrade import bicubic_up
+from fsr.data.identities import held_out_celeba_identities
 from fsr.models.rrdb import RRDBNet, deepen_rrdb_state, widen_rrdb_state
 from fsr.models.sr import ModelCard, export_sr_model
 from fsr.train.checkpoint import find_latest_checkpoint, save_best, save_checkpoint
@@ -204,13 +205,27 @@ def _truncate_log(path: Path, after_step: int) -> None:
 
 
 def _data_summary(arrays: FaceArrays, train_idx: np.ndarray, val_idx: np.ndarray) -> dict:
+    """What the model card records of the training data; ``train_faces_of_held_out_identities``:
+    training faces whose identity is named in ``fsr:celeba-test`` (fsr's held-out CelebA split)."""
+    held_out = held_out_celeba_identities()
+    names = np.asarray(arrays.identity_names, dtype=object)
     return {
         "source": arrays.source,
         "train_faces": int(len(train_idx)),
         "train_identities": int(len(np.unique(arrays.identity[train_idx]))),
         "val_faces": int(len(val_idx)),
         "val_identities": int(len(np.unique(arrays.identity[val_idx]))) if len(val_idx) else 0,
+        "train_faces_of_held_out_identities": int(sum(name in held_out for name in names[arrays.identity[train_idx]])),
     }
+
+
+def _warn_about_held_out_identities(data_info: dict) -> None:
+    """Say when the training faces carry names of fsr's held-out CelebA identities."""
+    count = data_info["train_faces_of_held_out_identities"]
+    if count:
+        warnings.warn(f"{count:,} training faces have identities of fsr's held-out CelebA split (fsr:celeba-test); this "
+                      "model's figures on that split will not be held-out (fsr prepare --exclude-identities fsr:celeba-test "
+                      "leaves them out)", stacklevel=2)
 
 
 def run_training(data: str | Path | list, run_dir: str | Path, config: Config, *, resume: bool = False,
@@ -292,6 +307,8 @@ def _open_run(data, run_dir: Path, cfg: Config, compute: Compute, dist: DistInfo
                                    seed=cfg.train.seed, rank=dist.rank)
     run = _Run(run_dir=run_dir, cfg=cfg, compute=compute, dist=dist, trainer=trainer, losses=losses,
                batcher=batcher, sampler=sampler, val_batch=None, data_info=_data_summary(arrays, train_idx, val_idx))
+    if run.main:
+        _warn_about_held_out_identities(run.data_info)
     _restore_state(run, latest)
     if run.main and len(val_idx):
         n_val = min(cfg.train.val_faces or len(val_idx), len(val_idx))
