@@ -20,7 +20,8 @@ from typer.testing import CliRunner
 from fsr.cli import app
 from fsr.core.device import Compute
 from fsr.data.manifest import read_manifest, read_rejects
-from fsr.data.prepare import JOURNAL_FILE, PrepareConfig, identity_list_path, list_work, prepare_dataset, read_name_list
+from fsr.data.identities import identity_list_path, read_name_list
+from fsr.data.prepare import JOURNAL_FILE, PrepareConfig, list_work, prepare_dataset
 from tests.conftest import LFW_DIR, REPO, SHARED_DATA
 from tests.test_io import make_declared_huge_png
 

@@ -58,6 +58,11 @@ def read_name_list(path: str | os.PathLike) -> set[str]:
     return names
 
 
+def read_name_lists(paths) -> set[str]:
+    """The union of :func:`read_name_list` over several files (empty for none)."""
+    return set().union(*(read_name_list(path) for path in paths))
+
+
 def held_out_celeba_identities() -> set[str]:
     """The identities of ``fsr:celeba-test`` (CelebA identity numbers as strings)."""
     return read_name_list(SHIPPED_IDENTITY_LISTS["celeba-test"])

@@ -60,7 +60,7 @@ from fsr.data.manifest import (
     write_manifest,
     write_rejects,
 )
-from fsr.data.identities import IdentityListError, identity_list_path, read_name_list  # noqa: F401 - part of this API
+from fsr.data.identities import IdentityListError, read_name_lists
 from fsr.detect.crop import DEFAULT_MARGIN, crop_square, square_box
 from fsr.detect.mtcnn import MTCNN
 
@@ -237,8 +237,8 @@ def list_work(
     identity_table = _read_key_value_file(config.identities_file, "identity") if config.identities_file else None
     partition_table = _read_key_value_file(config.partition_file, "partition") if config.partition_file else None
     try:
-        excluded_names = set().union(*(read_name_list(path) for path in config.exclude_identities))
-        only_names = set().union(*(read_name_list(path) for path in config.only_identities)) if config.only_identities else None
+        excluded_names = read_name_lists(config.exclude_identities)
+        only_names = read_name_lists(config.only_identities) if config.only_identities else None
     except IdentityListError as exc:
         raise PrepareError(str(exc)) from None
 
