@@ -18,8 +18,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
 
 from fsr.core.device import Compute, machine_description, synchronize
 from fsr.core.io import read_image

@@ -8,6 +8,7 @@ Everything runs on real images from ../shared/data, in seconds, on two CPU cores
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -22,9 +23,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from typer.testing import CliRunner
 
-from fsr.cli import app
 from fsr.core.weights import (
     SHIPPED_WEIGHTS_DIR,
     WeightsError,
@@ -584,7 +583,6 @@ def test_face_too_small_message_shows_the_real_size():
 
 
 def test_metrics_on_hr_images_of_different_sizes_and_a_truncated_manifest(tmp_path, prepare):
-    from fsr.core.device import Compute
     from fsr.evaluate.metrics import evaluate_folders
 
     hr, sr = tmp_path / "hr", tmp_path / "sr"
@@ -630,7 +628,9 @@ def test_built_wheel_carries_the_models_and_upscales_when_installed(tmp_path):
     names = set(zipfile.ZipFile(wheel).namelist())
     for name, digest in shipped_checksums().items():
         assert f"fsr/_weights/{name}" in names
-        assert zipfile.ZipFile(wheel).read(f"fsr/_weights/{name}") == (SHIPPED_WEIGHTS_DIR / name).read_bytes()
+        packed = zipfile.ZipFile(wheel).read(f"fsr/_weights/{name}")
+        assert packed == (SHIPPED_WEIGHTS_DIR / name).read_bytes()
+        assert hashlib.sha256(packed).hexdigest() == digest, name
     for card in SHIPPED_WEIGHTS_DIR.glob("*.json"):
         assert f"fsr/_weights/{card.name}" in names
     packages = {p.parent.relative_to(REPO).as_posix() for p in (REPO / "fsr").rglob("__init__.py")}

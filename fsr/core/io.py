@@ -29,7 +29,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 from fsr.core.metadata import embed_metadata, fits_output, upright_exif, usable_profile
 
