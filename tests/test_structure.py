@@ -162,3 +162,15 @@ def test_the_layer_table_covers_every_package():
     packages = {p.name for p in FSR.iterdir() if p.is_dir() and (p / "__init__.py").is_file()}
     modules = {p.stem for p in FSR.glob("*.py") if p.stem != "__init__"}
     assert packages | modules == set(LAYERS)
+
+
+def test_the_command_line_starts_without_torchvision_or_piq():
+    """torchvision (with torch._dynamo, which it imports) and piq cost about a second and a half of
+    every command's start-up; only face detection (NMS) and the pixel metrics need them, on first use."""
+    import subprocess
+    import sys
+
+    probe = ("import sys, fsr.cli, fsr.commands.upscale, fsr.detect.mtcnn, fsr.evaluate.metrics; "
+             "print(sorted(m for m in ('torchvision', 'piq', 'torch._dynamo') if m in sys.modules))")
+    loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=True)
+    assert loaded.stdout.strip() == "[]", loaded.stdout

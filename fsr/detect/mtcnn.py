@@ -35,7 +35,6 @@ import cv2
 import numpy as np
 import torch
 import torch.nn as nn
-from torchvision.ops import batched_nms
 
 from fsr.core.device import Compute
 from fsr.core.weights import WeightsError, find_weights, load_safetensors, shipped_checksums
@@ -184,6 +183,14 @@ def _regress(boxes: torch.Tensor, reg: torch.Tensor) -> torch.Tensor:
     boxes[:, 2] = boxes[:, 2] + reg[:, 2] * w
     boxes[:, 3] = boxes[:, 3] + reg[:, 3] * h
     return boxes
+
+
+def batched_nms(boxes: torch.Tensor, scores: torch.Tensor, idxs: torch.Tensor, iou_threshold: float) -> torch.Tensor:
+    """torchvision's NMS per image (``idxs``), imported on first use: importing torchvision adds about
+    a second to the start of every fsr command, most of which never detect a face."""
+    from torchvision.ops import batched_nms as torchvision_batched_nms
+
+    return torchvision_batched_nms(boxes, scores, idxs, iou_threshold)
 
 
 def _nms_min(boxes: np.ndarray, scores: np.ndarray, threshold: float) -> np.ndarray:

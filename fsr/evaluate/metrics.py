@@ -32,7 +32,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import piq
 import torch
 
 from fsr.core.batching import make_progress
@@ -79,6 +78,8 @@ def pixel_metrics(sr: torch.Tensor, hr: torch.Tensor) -> dict[str, np.ndarray]:
     """
     if sr.shape != hr.shape:
         raise ValueError(f"SR {tuple(sr.shape)} and HR {tuple(hr.shape)} differ in shape")
+    import piq  # imported here: piq pulls in torchvision, about a second of every command's start-up
+
     sr = sr.detach().float().cpu().clamp(0, 1)
     hr = hr.detach().float().cpu().clamp(0, 1)
     sr_y, hr_y = rgb_to_y(sr), rgb_to_y(hr)
