@@ -11,7 +11,7 @@ from PIL import Image
 
 from fsr.core.weights import SHIPPED_WEIGHTS_DIR, WeightsError, sha256_file, shipped_checksums
 from fsr.detect.crop import crop_square, extract_square, points_to_crop, square_box
-from fsr.detect.mtcnn import MTCNN, FaceDetections
+from fsr.detect.mtcnn import MTCNN, FaceDetections, batched_nms
 from tests.conftest import LFW_DIR, REFERENCE_DIR, SHARED_DATA, WILD_DIR
 
 
@@ -116,6 +116,28 @@ def test_batched_detection_equals_one_image_at_a_time(detector):
         left_eye, right_eye, nose, mouth_left, mouth_right = found.landmarks[0]
         assert left_eye[0] < right_eye[0] and mouth_left[0] < mouth_right[0]
         assert max(left_eye[1], right_eye[1]) < nose[1] < min(mouth_left[1], mouth_right[1])
+
+
+def test_nms_is_torchvisions_on_crowded_boxes_of_several_images():
+    """fsr loads torchvision's NMS kernel without importing torchvision; the result must be
+    ``torchvision.ops.batched_nms``'s exactly, in both of its ways (one pass with offsets for a
+    few boxes, image by image past 1,000 boxes), boxes that touch, duplicates and empty input."""
+    import torch
+    from torchvision.ops import batched_nms as torchvision_batched_nms
+
+    generator = torch.Generator().manual_seed(7)
+    for boxes_count in (0, 1, 12, 300, 999, 1001, 6000):
+        corner = torch.rand(boxes_count, 2, generator=generator) * 200
+        side = torch.rand(boxes_count, 1, generator=generator) * 50 + 1
+        boxes = torch.cat([corner, corner + side], dim=1)
+        boxes[1::17] = boxes[::17][: len(boxes[1::17])]  # exact duplicates
+        scores = torch.rand(boxes_count, generator=generator)
+        images = torch.randint(0, 5, (boxes_count,), generator=generator)
+        for threshold in (0.5, 0.7):
+            kept = batched_nms(boxes, scores, images, threshold)
+            assert torch.equal(kept, torchvision_batched_nms(boxes, scores, images, threshold))
+            if boxes_count > 12:
+                assert 0 < len(kept) < boxes_count
 
 
 def test_square_box_and_crop_geometry():

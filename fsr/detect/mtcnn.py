@@ -27,7 +27,10 @@ of every level.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+import importlib.machinery
+import importlib.util
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -185,12 +188,54 @@ def _regress(boxes: torch.Tensor, reg: torch.Tensor) -> torch.Tensor:
     return boxes
 
 
-def batched_nms(boxes: torch.Tensor, scores: torch.Tensor, idxs: torch.Tensor, iou_threshold: float) -> torch.Tensor:
-    """torchvision's NMS per image (``idxs``), imported on first use: importing torchvision adds about
-    a second to the start of every fsr command, most of which never detect a face."""
-    from torchvision.ops import batched_nms as torchvision_batched_nms
+#: Box coordinates (4 per box) above which NMS runs image by image rather than in one pass with
+#: offsets, on a CPU and elsewhere (torchvision's thresholds).
+_PER_IMAGE_NMS_ABOVE = {"cpu": 4000, "other": 100_000}
 
-    return torchvision_batched_nms(boxes, scores, idxs, iou_threshold)
+
+@functools.cache
+def _nms_kernel() -> Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]:
+    """torchvision's compiled NMS (``torchvision::nms``), loaded without importing torchvision.
+
+    ``import torchvision`` imports its models and, through them, ``torch._dynamo``: about 1.5 s of
+    every detecting command's start on a 2-core CPU, for one kernel. The kernel's library is
+    loaded the way torchvision's own ``extension`` module loads it; where that fails (another
+    layout), torchvision is imported after all. Either way the same kernel runs.
+    """
+    spec = importlib.util.find_spec("torchvision")
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        for name in ("_C_stable", "_C"):
+            for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+                library = Path(folder) / f"{name}{suffix}"
+                if library.is_file():
+                    try:
+                        torch.ops.load_library(str(library))
+                        return torch.ops.torchvision.nms
+                    except (OSError, RuntimeError, AttributeError):
+                        pass
+    from torchvision.ops import nms
+
+    return nms
+
+
+def batched_nms(boxes: torch.Tensor, scores: torch.Tensor, idxs: torch.Tensor, iou_threshold: float) -> torch.Tensor:
+    """NMS within each image, as ``torchvision.ops.batched_nms``: indices kept, by falling score.
+
+    boxes: (N, 4) x1, y1, x2, y2 (areas without +1); scores: (N,); idxs: (N,) image of each box.
+    Many boxes go image by image; fewer are shifted apart per image and suppressed in one pass.
+    """
+    nms = _nms_kernel()
+    if boxes.numel() == 0:
+        return torch.empty((0,), dtype=torch.int64, device=boxes.device)
+    if boxes.numel() <= _PER_IMAGE_NMS_ABOVE["cpu" if boxes.device.type == "cpu" else "other"]:
+        offsets = idxs.to(boxes) * (boxes.max() + 1)
+        return nms(boxes + offsets[:, None], scores, iou_threshold)
+    kept = torch.zeros_like(scores, dtype=torch.bool)
+    for image in torch.unique(idxs):
+        members = torch.where(idxs == image)[0]
+        kept[members[nms(boxes[members], scores[members], iou_threshold)]] = True
+    kept_indices = torch.where(kept)[0]
+    return kept_indices[scores[kept_indices].sort(descending=True)[1]]
 
 
 def _nms_min(boxes: np.ndarray, scores: np.ndarray, threshold: float) -> np.ndarray:
