@@ -13,8 +13,8 @@ against ``reference/mtcnn_reference.json``):
 4. ONet on 48x48 crops: P(face) > t2, 5 landmarks, box regression, then a greedy
    "Min" NMS (intersection over the smaller area, +1 areas) at 0.7.
 
-NMS in steps 2-3 is torchvision's (areas without +1). Inputs are RGB in [0, 255],
-normalised ``(x - 127.5) / 128``.
+NMS in steps 2-3 is torchvision's compiled kernel (areas without +1), loaded without importing
+torchvision (``batched_nms``). Inputs are RGB in [0, 255], normalised ``(x - 127.5) / 128``.
 
 Batching: images of equal size share PNet passes; the crops of all images (any size)
 share RNet/ONet passes, so one call with many images keeps a GPU busy. The nets run
