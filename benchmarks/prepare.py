@@ -18,7 +18,6 @@ import tempfile
 import time
 from pathlib import Path
 
-
 from fsr.core.device import Compute, machine_description, synchronize
 from fsr.core.io import read_image
 from fsr.data.prepare import PrepareConfig, prepare_dataset

@@ -8,6 +8,7 @@ training faces that carry a held-out identity's name and records the count in th
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
 #: identity lists that ship with fsr, named ``fsr:NAME`` on the command line
@@ -58,7 +59,7 @@ def read_name_list(path: str | os.PathLike) -> set[str]:
     return names
 
 
-def read_name_lists(paths) -> set[str]:
+def read_name_lists(paths: Iterable[str | os.PathLike]) -> set[str]:
     """The union of :func:`read_name_list` over several files (empty for none)."""
     return set().union(*(read_name_list(path) for path in paths))
 
