@@ -8,9 +8,9 @@ Times each command as a user runs it (a new process through the installed ``fsr`
 * ``fsr upscale`` of the same crop in the default ``--mode auto`` (MTCNN confirms the face first);
 * ``fsr upscale`` of one photo (``--mode photo``: detection, SR of its faces, pasting back).
 
-Also reports which heavy modules a bare ``import fsr.cli`` loads (torchvision, piq and
-``torch._dynamo`` cost about 1.5 s of start-up on a 2-core CPU; fsr imports none of them at
-start-up). Usage:
+Also reports which heavy modules a bare ``import fsr.cli`` loads (torch costs about 1.2 s of
+start-up on a 2-core CPU, and torchvision, piq and ``torch._dynamo`` about 1.5 s more; the
+command line imports torch only for a subcommand, and none of the others at start-up). Usage:
 
     python benchmarks/startup.py --repeats 5 [--json startup.json]
 """
@@ -52,9 +52,9 @@ def time_command(args: list[str], repeats: int, out: Path) -> list[float]:
 
 
 def heavy_modules_at_start() -> list[str]:
-    """Which of torchvision, piq and torch._dynamo ``import fsr.cli`` loads."""
+    """Which of torch, torchvision, piq and torch._dynamo ``import fsr.cli`` loads."""
     probe = ("import sys, fsr.cli; "
-             "print(','.join(m for m in ('torchvision', 'piq', 'torch._dynamo') if m in sys.modules))")
+             "print(','.join(m for m in ('torch', 'torchvision', 'piq', 'torch._dynamo') if m in sys.modules))")
     loaded = subprocess.run([sys.executable, "-c", probe], check=True, capture_output=True, text=True)
     return [name for name in loaded.stdout.strip().split(",") if name]
 
@@ -68,7 +68,7 @@ def main() -> None:
     photo = args.photo or sorted(p for p in PHOTO.iterdir() if p.suffix.lower() in {".jpg", ".jpeg", ".png"})[0]
     fsr = fsr_executable()
     print(machine_description())
-    print(f"import fsr.cli loads: {', '.join(heavy_modules_at_start()) or 'none of torchvision, piq, torch._dynamo'}")
+    print(f"import fsr.cli loads: {', '.join(heavy_modules_at_start()) or 'none of torch, torchvision, piq, torch._dynamo'}")
     results = {}
     with tempfile.TemporaryDirectory() as work:
         out = Path(work) / "out"

@@ -176,3 +176,39 @@ def test_the_command_line_starts_without_torchvision_or_piq():
              "print(sorted(m for m in ('torchvision', 'piq', 'torch._dynamo') if m in sys.modules))")
     loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=True)
     assert loaded.stdout.strip() == "[]", loaded.stdout
+
+
+def test_fsr_help_and_version_answer_without_importing_torch():
+    """``fsr --help`` and ``fsr --version`` list and name the commands from the CLI's own table;
+    importing torch (about 1.2 s on a 2-core CPU) waits for a command that computes."""
+    import subprocess
+    import sys
+
+    probe = ("import sys\n"
+             "from fsr.cli import app\n"
+             "for args in (['--help'], ['--version']):\n"
+             "    try:\n"
+             "        app(args)\n"
+             "    except SystemExit as exit:\n"
+             "        assert exit.code in (0, None), exit.code\n"
+             "print('torch loaded' if 'torch' in sys.modules else 'torch not loaded')")
+    run = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=True)
+    assert run.stdout.strip().endswith("torch not loaded"), run.stdout
+    assert "verify-sweep" in run.stdout and "fsr 0." in run.stdout
+
+
+def test_the_command_table_matches_the_commands_it_loads():
+    """Each summary that ``fsr --help`` lists is the first sentence block of the docstring of the
+    function that the command runs, and each name builds a command whose help is that docstring."""
+    import importlib
+
+    from fsr.cli import COMMANDS, app
+    import typer
+
+    group = typer.main.get_command(app)
+    for name, entry in COMMANDS.items():
+        function = getattr(importlib.import_module(entry.module), entry.function)
+        assert entry.summary == " ".join(function.__doc__.split("\n\n")[0].split()), name
+        command = group.get_command(None, name)
+        assert command.name == name and command.help.startswith(entry.summary[:40]), name
+    assert group.get_command(None, "no-such-command") is None

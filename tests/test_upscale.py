@@ -753,8 +753,9 @@ def test_warnings_reach_the_user_as_one_line(tmp_path):
 
 def test_help_of_every_subcommand_fits_80_columns():
     runner = CliRunner()
-    for command in ("prepare", "train", "upscale", "metrics", "verify-sweep", "verify"):
-        result = runner.invoke(app, [command, "--help"], terminal_width=80, env={"COLUMNS": "80"})
+    for command in ("prepare", "train", "upscale", "metrics", "verify-sweep", "verify", None):
+        args = [command, "--help"] if command else ["--help"]  # None: the top level's command list
+        result = runner.invoke(app, args, terminal_width=80, env={"COLUMNS": "80"})
         assert result.exit_code == 0, command
         lines = result.output.splitlines()
         assert max(len(line) for line in lines) <= 80, (command, max(lines, key=len))

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import enum
 import sys
-from typing import NoReturn, get_args
+from typing import TYPE_CHECKING, NoReturn, get_args
 
 import typer
 from rich.console import Console
 
-from fsr.core.device import Compute, DeviceError
+if TYPE_CHECKING:  # torch is imported when a command computes, not when the command line starts
+    from fsr.core.device import Compute
 
 console = Console()
 err_console = Console(stderr=True)
@@ -25,6 +26,8 @@ SeedOpt = typer.Option(0, "--seed", help="Random seed.")
 
 def make_compute(device: str, precision: str, batch_size: int = 64, threads: int = 0, seed: int = 0) -> Compute:
     """Build the shared compute settings, turning a bad request into a one-line error."""
+    from fsr.core.device import Compute, DeviceError  # imports torch: only when a command computes
+
     try:
         return Compute.create(device=device, precision=precision, batch_size=batch_size, seed=seed, threads=threads or None)
     except DeviceError as exc:
