@@ -41,11 +41,12 @@ PAPER_TABLE1 = {
 }
 
 
-def run_metrics(data: Path, systems: list[str], out: Path, limit: int, threads: int, grid: int = 0) -> dict:
-    """One ``fsr metrics`` run; returns its metrics_summary.json."""
+def run_metrics(data: Path, systems: list[str], out: Path, limit: int, threads: int, grid: int = 0,
+                lr_jpeg: int = 0) -> dict:
+    """One ``fsr metrics`` run (``lr_jpeg``: its ``--lr-jpeg``); returns its metrics_summary.json."""
     cmd = [sys.executable, "-m", "fsr.cli", "metrics", "--data", str(data), "--system", "bicubic",
            *[a for s in systems for a in ("--system", s)], "--out", str(out), "--limit", str(limit),
-           "--threads", str(threads), "--grid", str(grid)]
+           "--threads", str(threads), "--grid", str(grid), "--lr-jpeg", str(lr_jpeg)]
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     return json.loads((out / "metrics_summary.json").read_text())
 

@@ -96,6 +96,37 @@ def test_bicubic_degradation_matches_piq_and_numpy(faces):
     assert m["ssim"] == pytest.approx(piq.ssim(x, y, data_range=1.0, reduction="none", downsample=False).numpy(), abs=1e-6)
 
 
+def test_jpeg_degradation_is_a_jpeg_file_round_trip_with_its_block_grid_where_asked(faces):
+    """jpeg_degrade on real faces: what Pillow's own JPEG encoder and decoder give at the same
+    quality (within a grey level or two: two builds of libjpeg), quality 0 leaves a face as it is,
+    lower quality loses more, and the 8x8 block edges fall where the offset puts them."""
+    import io as bytes_io
+
+    from fsr.data.degrade import jpeg_degrade
+
+    batch = _batch(faces)
+    assert jpeg_degrade(batch, [0, 0, 0]) is batch
+    for quality in (90, 50):
+        ours = jpeg_degrade(batch, [quality] * 3)
+        for i, face in enumerate(faces):
+            encoded = bytes_io.BytesIO()
+            Image.fromarray(face).save(encoded, "JPEG", quality=quality)
+            pillow = np.asarray(Image.open(encoded).convert("RGB"), dtype=np.float64)
+            diff = np.abs(ours[i].permute(1, 2, 0).numpy() * 255 - pillow)
+            assert diff.mean() < 0.5 and diff.max() <= 3, (quality, diff.mean(), diff.max())
+    psnr = {q: pixel_metrics(jpeg_degrade(batch, [q] * 3), batch)["psnr_rgb"] for q in (95, 75, 30)}
+    assert (psnr[95] > psnr[75]).all() and (psnr[75] > psnr[30]).all() and (psnr[30] > 22).all()
+    # the error image jumps across block edges: at columns c with (c + dx) % 8 == 0 for offset dx
+    for dy, dx in ((0, 0), (3, 5), (13, 10)):
+        error = (jpeg_degrade(batch, [20] * 3, [(dy, dx)] * 3) - batch).mean(1).numpy()
+        jumps = np.abs(np.diff(error, axis=2)).mean(axis=(0, 1))  # jumps[c - 1]: between columns c - 1 and c
+        by_phase = [jumps[[c - 1 for c in range(1, 128) if (c + dx) % 8 == phase]].mean() for phase in range(8)]
+        assert int(np.argmax(by_phase)) == 0 and by_phase[0] > 1.5 * np.median(by_phase), (dx, by_phase)
+        rows = np.abs(np.diff(error, axis=1)).mean(axis=(0, 2))
+        by_phase = [rows[[r - 1 for r in range(1, 128) if (r + dy) % 8 == phase]].mean() for phase in range(8)]
+        assert int(np.argmax(by_phase)) == 0, (dy, by_phase)
+
+
 def test_constant_offset_has_a_closed_form_answer(faces):
     hr = (faces[0].astype(np.float64) * 0.9).round().astype(np.uint8)  # max <= 230: no clipping below
     assert hr.max() <= 247
@@ -227,3 +258,15 @@ def test_metrics_cli_runs_systems_on_a_prepared_set(tmp_path):
     tiles = np.asarray(grid.convert("L"), dtype=np.float64)
     assert tiles.std() > 20  # faces, not a blank page
     assert grid_positions(3, 2) == {0, 2} and grid_positions(809, 4) == {0, 269, 539, 808}
+    # --lr-jpeg: every system gets the LR faces JPEG-compressed first; bicubic of a quality-30 face
+    # is further from the HR than bicubic of the lossless one, face by face
+    compressed = CliRunner().invoke(app, ["metrics", "--data", str(dst), "--system", "bicubic", "--model", "none",
+                                          "--out", str(tmp_path / "q30"), "--lr-jpeg", "30", "--device", "cpu"])
+    assert compressed.exit_code == 0, compressed.output
+    rows30 = {r["image"]: r for r in csv.DictReader((tmp_path / "q30" / "metrics_per_image.csv").open())}
+    for face_id, row in rows.items():
+        assert float(rows30[face_id]["psnr_rgb"]) < float(row["psnr_rgb"]) - 0.3
+    assert json.loads((tmp_path / "q30" / "metrics_summary.json").read_text())["source"]["lr_jpeg_quality"] == 30
+    refused = CliRunner().invoke(app, ["metrics", "--hr", str(dst / "hr"), "--sr", f"x={dst / 'hr'}", "--lr-jpeg", "50",
+                                       "--model", "none", "--out", str(tmp_path / "bad"), "--device", "cpu"])
+    assert refused.exit_code == 2 and "--lr-jpeg applies to --data" in refused.output

@@ -575,3 +575,47 @@ def test_ddp_two_processes_gloo(prepared, tmp_path):
     assert len(_log(run, "train")) == 3
     assert (run / "checkpoints" / "step_00000003" / "COMPLETE").is_file()
     assert json.loads((run / "export" / "ddp.json").read_text())["hardware"]["processes"] == 2
+
+
+def test_jpeg_augmentation_compresses_a_fraction_with_the_block_grid_anywhere(prepared):
+    """data.jpeg_augment: the chosen LR faces are exactly jpeg_degrade of the clean LR at the
+    drawn quality and grid offset, the others untouched; the choice is a pure function of the step."""
+    from fsr.data.degrade import JPEG_BLOCK, jpeg_degrade
+    from fsr.data.dataset import FaceBatcher, load_face_arrays, split_train_val
+
+    arrays = load_face_arrays(prepared)
+    train, _ = split_train_val(arrays)
+    plain = FaceBatcher(arrays, train, torch.device("cpu"), flip=False)
+    augmented = FaceBatcher(arrays, train, torch.device("cpu"), flip=False, jpeg_augment=0.5, jpeg_quality=(30, 60), seed=2)
+    idx = np.arange(16)
+    chosen = []
+    for step in range(6):
+        qualities, offsets = augmented.jpeg_choices(step, 16)
+        again = augmented.jpeg_choices(step, 16)
+        assert np.array_equal(qualities, again[0]) and np.array_equal(offsets, again[1])
+        assert ((offsets >= 0) & (offsets < JPEG_BLOCK)).all()
+        clean, batch = plain.make(idx), augmented.make(idx, step=step)
+        assert torch.equal(batch.hr, clean.hr)
+        for i, quality in enumerate(qualities):
+            if quality == 0:
+                assert torch.equal(batch.lr[i], clean.lr[i])
+                continue
+            assert 30 <= quality <= 60
+            expected = jpeg_degrade(clean.lr[i : i + 1], [int(quality)], [tuple(offsets[i])])[0]
+            assert torch.equal(batch.lr[i], expected)
+            assert float((batch.lr[i] - clean.lr[i]).abs().mean()) > 1.0 / 255  # really compressed
+        chosen.append(qualities > 0)
+    assert 0.25 < np.concatenate(chosen).mean() < 0.75  # about half of 96 faces
+    assert torch.equal(plain.make(idx, step=3).lr, plain.make(idx).lr)  # off by default
+
+
+def test_jpeg_config_ranges_are_checked():
+    from fsr.train.config import Config, ConfigError
+
+    for bad in ({"jpeg_augment": 1.5}, {"jpeg_quality_min": 0}, {"jpeg_quality_min": 90, "jpeg_quality_max": 80},
+                {"jpeg_quality_max": 101}):
+        cfg = Config()
+        for key, value in bad.items():
+            setattr(cfg.data, key, value)
+        with pytest.raises(ConfigError, match="jpeg"):
+            cfg.validate()

@@ -40,6 +40,7 @@ def metrics_command(
     heatmap: int = typer.Option(0, "--heatmap", min=0, help="Write Fig. 6 heatmap PNGs for the first N images."),
     heatmap_images: list[str] = typer.Option([], "--heatmap-images", help="Write heatmaps for these images (relative path without suffix, or face_id for --data). Repeatable."),
     grid: int = typer.Option(0, "--grid", min=0, help="Write comparison.png: N faces spread over the set, one row each (LR, every system, HR)."),
+    lr_jpeg: int = typer.Option(0, "--lr-jpeg", min=0, max=100, metavar="Q", help="With --data: JPEG-compress each LR face at quality Q (1-100) before the systems see it, as faces cut from JPEG photos (0 = off)."),
     device: str = DeviceOpt,
     precision: str = PrecisionOpt,
     batch_size: int = BatchSizeOpt,
@@ -51,7 +52,7 @@ def metrics_command(
         report, paths = run_metrics(
             out, compute, hr_dir=hr, sr_dirs=_parse_sr(sr) if sr else None, prepared_dir=data, systems=list(system),
             face_model=model, face_weights=weights, split=split, limit=limit or None,
-            heatmap_first=heatmap, heatmap_keys=list(heatmap_images), baseline=baseline, grid=grid,
+            heatmap_first=heatmap, heatmap_keys=list(heatmap_images), baseline=baseline, grid=grid, lr_jpeg=lr_jpeg,
         )
     except (MetricsError, FaceModelError, WeightsError, FileNotFoundError, ManifestError) as exc:
         fail(str(exc))

@@ -24,7 +24,7 @@ import torch
 
 from fsr.core.batching import make_progress
 from fsr.core.io import atomic_path
-from fsr.data.degrade import bicubic_down, degrade_through, quantise_8bit, resize_bicubic
+from fsr.data.degrade import JPEG_BLOCK, bicubic_down, degrade_through, jpeg_degrade, quantise_8bit, resize_bicubic
 from fsr.data.manifest import read_manifest
 
 HR_SIZE = 128
@@ -317,7 +317,8 @@ class FaceBatcher:
     def __init__(self, arrays: FaceArrays, indices: np.ndarray, device: torch.device, *,
                  lr_source: str = "bicubic", flip: bool = True, on_device: bool = True,
                  channels_last: bool = False, alpha_augment: float = 0.0, alpha_min: float = 0.1,
-                 scale_augment: float = 0.0, scale_min: float = 0.5, seed: int = 0, rank: int = 0) -> None:
+                 scale_augment: float = 0.0, scale_min: float = 0.5, jpeg_augment: float = 0.0,
+                 jpeg_quality: tuple[int, int] = (30, 95), seed: int = 0, rank: int = 0) -> None:
         if lr_source == "disk" and arrays.lr is None:
             raise DatasetError("data.lr_source=disk but the LR crops were not loaded")
         self.device = device
@@ -339,6 +340,8 @@ class FaceBatcher:
         self.scale_min = float(scale_min)
         if self.scale_augment > 0 and lr_source == "disk":
             raise DatasetError("data.scale_augment needs data.lr_source=bicubic (LR made from the rescaled HR)")
+        self.jpeg_augment = float(jpeg_augment)
+        self.jpeg_quality = (int(jpeg_quality[0]), int(jpeg_quality[1]))
         self.seed, self.rank = int(seed), int(rank)
 
     def __len__(self) -> int:
@@ -365,6 +368,18 @@ class FaceBatcher:
         sizes = rng.integers(low, max(low + 1, lr_side), size=n)
         return np.where(rng.random(n) < self.alpha_augment, sizes, 0)
 
+    def jpeg_choices(self, step: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """JPEG quality per face for step ``step`` (0 = not compressed) and the (dy, dx) offset of
+        its block grid, (n,) and (n, 2): a pure function of (seed, step, rank). A fraction
+        ``jpeg_augment`` of the faces gets a quality drawn uniformly from ``jpeg_quality``."""
+        if self.jpeg_augment <= 0:
+            return np.zeros(n, dtype=np.int64), np.zeros((n, 2), dtype=np.int64)
+        rng = np.random.default_rng([self.seed, int(step), self.rank, 0x1E6])
+        low, high = self.jpeg_quality
+        qualities = rng.integers(low, high + 1, size=n)
+        offsets = rng.integers(0, JPEG_BLOCK, size=(n, 2))
+        return np.where(rng.random(n) < self.jpeg_augment, qualities, 0), offsets
+
     def hr_side(self, step: int, full: int = HR_SIZE) -> int:
         """HR side of step ``step``'s batch: ``full`` or, with probability ``scale_augment``, a
         multiple of ``SCALE`` drawn uniformly from [scale_min * full, full] (a pure function of
@@ -385,6 +400,8 @@ class FaceBatcher:
         With ``step`` and ``alpha_augment > 0``, some LR faces are further degraded as in the
         paper's Sec. V (resize to a smaller side and back to 32x32, antialiased bicubic), so
         the model also learns the inputs ``verify-sweep`` gives it.
+        With ``step`` and ``jpeg_augment > 0``, some LR faces are then JPEG-compressed
+        (:func:`~fsr.data.degrade.jpeg_degrade`), as faces cut from JPEG photos reach ``fsr upscale``.
         """
         idx = self._to(torch.from_numpy(np.asarray(indices, np.int64)), self.store_device)
         hr = self.hr.index_select(0, idx)
@@ -414,6 +431,8 @@ class FaceBatcher:
             lr = quantise_8bit(bicubic_down(hr, SCALE))
         if step is not None and self.alpha_augment > 0:
             lr = self._alpha_augment(lr, self.degraded_sizes(step, lr.shape[0], lr.shape[-1]))
+        if step is not None and self.jpeg_augment > 0:
+            lr = jpeg_degrade(lr, *self.jpeg_choices(step, lr.shape[0]))
         if self.channels_last:
             hr = hr.contiguous(memory_format=torch.channels_last)
             lr = lr.contiguous(memory_format=torch.channels_last)

@@ -27,6 +27,7 @@ import csv
 import io
 import math
 import re
+import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,7 +38,7 @@ import torch
 from fsr.core.batching import make_progress
 from fsr.core.device import Compute
 from fsr.core.io import ImageReadError, atomic_path, atomic_write_text, list_image_files, read_image, to_tensor, write_json
-from fsr.data.degrade import quantise_8bit
+from fsr.data.degrade import JPEG_BLOCK, jpeg_degrade, quantise_8bit
 from fsr.data.manifest import read_manifest
 from fsr.evaluate.grid import GridRow, grid_positions, save_comparison_grid
 from fsr.evaluate.identity import FaceEmbedder, load_face_model
@@ -450,11 +451,22 @@ def load_faces(prepared_dir: Path, records, skipped: list[str]):
     return kept, torch.stack(hrs), torch.stack(lrs), landmarks
 
 
-def prepared_chunks(prepared_dir: Path, records, systems: dict, chunk_size: int, skipped: list[str]) -> Iterator[Chunk]:
+def jpeg_offsets(face_ids: list[str]) -> list[tuple[int, int]]:
+    """A fixed (dy, dx) block-grid offset in [0, 16) per face, from its id (CRC-32): the same for a
+    face in every run and chunk size, spread over the grid as in faces cut from JPEG photos."""
+    return [(crc % JPEG_BLOCK, (crc >> 8) % JPEG_BLOCK) for crc in (zlib.crc32(f.encode()) for f in face_ids)]
+
+
+def prepared_chunks(prepared_dir: Path, records, systems: dict, chunk_size: int, skipped: list[str],
+                    lr_jpeg: int = 0) -> Iterator[Chunk]:
+    """The prepared faces in chunks, each with every system's output; ``lr_jpeg`` (1-100, 0 = off)
+    JPEG-compresses the LR faces at that quality before any system sees them."""
     for start in range(0, len(records), chunk_size):
         kept, hr, lr, landmarks = load_faces(prepared_dir, records[start : start + chunk_size], skipped)
         if not kept:
             continue
+        if lr_jpeg:
+            lr = jpeg_degrade(lr, [lr_jpeg] * len(kept), jpeg_offsets([r.face_id for r in kept]))
         outputs = {name: quantise_8bit(system.upscale(lr)) for name, system in systems.items()}
         for name, out in outputs.items():
             if out.shape != hr.shape:
@@ -475,9 +487,13 @@ def evaluate_prepared(
     heatmap_dir: Path | None = None,
     show_progress: bool = True,
     grid: int = 0,
+    lr_jpeg: int = 0,
 ) -> MetricsReport:
     """Run SR systems (specs for ``load_sr_system``) on a prepared set's LR faces and score
-    their outputs against the HR faces. Image keys are the records' ``face_id``."""
+    their outputs against the HR faces. Image keys are the records' ``face_id``. ``lr_jpeg``
+    (1-100): the LR faces JPEG-compressed at that quality first (0 = as prepared)."""
+    if not 0 <= lr_jpeg <= 100:
+        raise MetricsError(f"--lr-jpeg must be a JPEG quality in [1, 100] (0 = off), got {lr_jpeg}")
     prepared_dir = Path(prepared_dir)
     records = select_records(prepared_dir, split, limit)
     if not records:
@@ -488,11 +504,12 @@ def evaluate_prepared(
         name = system.name if system.name not in loaded else spec
         loaded[name] = system
     skipped: list[str] = []
-    chunks = prepared_chunks(prepared_dir, records, loaded, chunk_size, skipped)
+    chunks = prepared_chunks(prepared_dir, records, loaded, chunk_size, skipped, lr_jpeg)
     report = evaluate_chunks(chunks, list(loaded), len(records), embedder, heatmap_keys, heatmap_first, heatmap_dir, show_progress,
                              grid=grid)
     report.skipped = skipped + report.skipped
-    report.source = {"mode": "prepared", "data": str(prepared_dir), "split": split, "systems": dict(zip(loaded, systems))}
+    report.source = {"mode": "prepared", "data": str(prepared_dir), "split": split, "systems": dict(zip(loaded, systems)),
+                     "lr_jpeg_quality": lr_jpeg or None}
     return report
 
 
@@ -596,11 +613,15 @@ def run_metrics(
     show_progress: bool = True,
     baseline: str | None = "bicubic",
     grid: int = 0,
+    lr_jpeg: int = 0,
 ) -> tuple[MetricsReport, dict[str, Path]]:
     """``fsr metrics``: evaluate folders (``hr_dir`` + ``sr_dirs``) or systems on a prepared set,
     write the CSV, JSON, heatmaps and the comparison grid of ``grid`` faces (``comparison.png``)
     into ``out_dir`` and return the report and file paths.
-    ``baseline``: the system the others are compared with image by image (``report.paired``)."""
+    ``baseline``: the system the others are compared with image by image (``report.paired``).
+    ``lr_jpeg``: with ``prepared_dir``, the JPEG quality the LR faces are compressed at first (0 = off)."""
+    if lr_jpeg and hr_dir is not None:
+        raise MetricsError("--lr-jpeg applies to --data (the systems' LR input), not to SR folders given with --hr")
     if (hr_dir is None) == (prepared_dir is None):
         raise MetricsError("give either --hr with --sr NAME=DIR, or --data PREPARED with --system")
     embedder = None
@@ -621,7 +642,7 @@ def run_metrics(
             raise MetricsError("--data needs at least one --system (bicubic | default | NAME | PATH)")
         report = evaluate_prepared(
             prepared_dir, systems, compute, embedder, split, limit, max(64, compute.batch_size),
-            keys, heatmap_first, heatmap_dir, show_progress, grid=grid,
+            keys, heatmap_first, heatmap_dir, show_progress, grid=grid, lr_jpeg=lr_jpeg,
         )
     report.baseline = baseline
     if report.grid_rows:

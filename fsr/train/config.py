@@ -153,6 +153,9 @@ class DataConfig:
     alpha_min: float = 0.1           # smallest alpha drawn: LR side round(32 alpha) uniform in [round(32 alpha_min), 31]
     scale_augment: float = 0.0       # fraction of batches whose faces are shrunk before the LR is made
     scale_min: float = 0.5           # smallest shrink: HR side uniform in [128 scale_min, 128], step 4
+    jpeg_augment: float = 0.0        # fraction of training LR faces JPEG-compressed (as faces cut from JPEG photos)
+    jpeg_quality_min: int = 30       # JPEG quality drawn uniformly from [jpeg_quality_min, jpeg_quality_max]
+    jpeg_quality_max: int = 95
 
 
 @dataclass
@@ -199,6 +202,11 @@ class Config:
             raise ConfigError("data.scale_augment must be in [0, 1] and data.scale_min in (0, 1]")
         if not 0.0 < self.data.alpha_min < 1.0:
             raise ConfigError(f"data.alpha_min must be in (0, 1), got {self.data.alpha_min}")
+        if not 0.0 <= self.data.jpeg_augment <= 1.0:
+            raise ConfigError(f"data.jpeg_augment must be in [0, 1], got {self.data.jpeg_augment}")
+        if not 1 <= self.data.jpeg_quality_min <= self.data.jpeg_quality_max <= 100:
+            raise ConfigError("data.jpeg_quality_min and data.jpeg_quality_max must satisfy 1 <= min <= max <= 100, got "
+                              f"{self.data.jpeg_quality_min} and {self.data.jpeg_quality_max}")
         if self.train.faces_per_identity < 1:
             raise ConfigError("train.faces_per_identity must be >= 1")
         return self

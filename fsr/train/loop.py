@@ -328,6 +328,8 @@ def _train_batcher(arrays: FaceArrays, train_idx: np.ndarray, cfg: Config, compu
                        on_device=cfg.data.on_device, channels_last=trainer.channels_last,
                        alpha_augment=cfg.data.alpha_augment, alpha_min=cfg.data.alpha_min,
                        scale_augment=cfg.data.scale_augment, scale_min=cfg.data.scale_min,
+                       jpeg_augment=cfg.data.jpeg_augment,
+                       jpeg_quality=(cfg.data.jpeg_quality_min, cfg.data.jpeg_quality_max),
                        seed=cfg.train.seed, rank=dist.rank)
 
 
