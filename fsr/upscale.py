@@ -188,6 +188,7 @@ class ImageResult:
     faces_rejected: int = 0
     seconds: float = 0.0
     model: str = ""
+    jpeg_quality: int | None = None  # the input's JPEG quality (fsr.core.io.estimate_jpeg_quality); None: not a JPEG
     faces: list[dict] = field(default_factory=list)  # one record per detection (JSON report)
 
 
@@ -828,7 +829,8 @@ def _result(item: _Loaded, status: str, *, reason: str = "", image: LoadedImage 
         out_width=rgb.shape[1] if rgb is not None else 0, out_height=rgb.shape[0] if rgb is not None else 0,
         faces_found=sum(f["route"] != "rejected" for f in faces) if item.mode == "photo" else len(faces),
         faces_sr=sr, faces_rejected=sum(f["route"] == "rejected" for f in faces),
-        seconds=round(item.seconds, 4), model=(model if sr else CLASSICAL) if status == "done" else "", faces=faces,
+        seconds=round(item.seconds, 4), model=(model if sr else CLASSICAL) if status == "done" else "",
+        jpeg_quality=image.jpeg_quality if image else None, faces=faces,
     )
 
 

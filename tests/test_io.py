@@ -43,6 +43,22 @@ def test_reads_real_jpeg_as_rgb_uint8(face_rgb):
     np.testing.assert_array_equal(image.rgb, face_rgb)
 
 
+def test_jpeg_quality_is_read_from_the_files_own_table(tmp_path, face_rgb):
+    """read_image names the quality a JPEG was written at, whichever libjpeg build wrote it
+    (Pillow's, OpenCV's, fsr's own writer), from the file's luminance table; other formats: None."""
+    for quality in (10, 35, 50, 75, 88, 92, 100):
+        Image.fromarray(face_rgb).save(tmp_path / "pil.jpg", quality=quality)
+        cv2.imwrite(str(tmp_path / "cv2.jpg"), face_rgb[:, :, ::-1], [cv2.IMWRITE_JPEG_QUALITY, quality])
+        write_image(tmp_path / "fsr.jpg", face_rgb, quality=quality)
+        for name in ("pil.jpg", "cv2.jpg", "fsr.jpg"):
+            assert read_image(tmp_path / name).jpeg_quality == quality, (name, quality)
+    write_image(tmp_path / "face.png", face_rgb)
+    assert read_image(tmp_path / "face.png").jpeg_quality is None
+    # the shared data: LFW's deep-funneled photos were stored at 75, the wild photos at 92
+    assert read_image(LFW_DIR / "Aaron_Eckhart" / "Aaron_Eckhart_0001.jpg").jpeg_quality == 75
+    assert read_image(WILD_DIR / "img1.jpg").jpeg_quality == 92
+
+
 def test_exif_rotation_is_applied():
     path = WILD_DIR / "img102.jpg"  # EXIF orientation 6 (rotate 90 degrees clockwise)
     with Image.open(path) as pil:

@@ -427,6 +427,19 @@ def test_bad_inputs_reported_and_skipped_and_rerun_skips(tmp_path, tiny_model):
     assert csv_text.count(",skipped,") == 2 and csv_text.count(",failed,") == 4
 
 
+def test_the_report_names_each_jpeg_inputs_quality(tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    face = centre_crop(lfw_faces(1)[0], 32)
+    Image.fromarray(face).save(src / "web.jpg", quality=60)
+    Image.fromarray(face).save(src / "lossless.png")
+    report = tmp_path / "report.json"
+    result = run_cli(str(src), str(tmp_path / "out"), "--mode", "faces", "--model", "bicubic", "--report", str(report))
+    assert result.returncode == 0, result.stderr
+    rows = {Path(r["input"]).name: r for r in json.loads(report.read_text())["images"]}
+    assert rows["web.jpg"]["jpeg_quality"] == 60 and rows["lossless.png"]["jpeg_quality"] is None
+
+
 def test_exit_code_nonzero_only_when_nothing_succeeded(tmp_path, tiny_model):
     src = tmp_path / "in"
     src.mkdir()

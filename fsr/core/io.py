@@ -73,6 +73,8 @@ class LoadedImage:
     three channels, and :func:`grey_channel` turns their output back into one.
     icc_profile: the file's RGB or grey ICC colour profile (bytes), or None (then sRGB is meant).
     exif: the file's EXIF (a TIFF structure) with its orientation set upright, or None.
+    jpeg_quality: for a JPEG file, the quality (1-100) its luminance table was made with
+        (:func:`estimate_jpeg_quality`); None for other formats.
     """
 
     rgb: np.ndarray
@@ -81,6 +83,7 @@ class LoadedImage:
     grey: bool = False
     icc_profile: bytes | None = None
     exif: bytes | None = None
+    jpeg_quality: int | None = None
 
     @property
     def max_value(self) -> int:
@@ -189,6 +192,7 @@ def read_image(path: str | os.PathLike, *, max_pixels: int = DEFAULT_MAX_PIXELS)
                 f"limit of {max_pixels / 1e6:.0f} MP (possible decompression bomb; see --max-pixels)",
             )
         orientation = _exif_orientation(pil)
+        jpeg_quality = estimate_jpeg_quality(getattr(pil, "quantization", None) or {}) if pil.format == "JPEG" else None
         icc_profile = usable_profile(pil.info.get("icc_profile"))
         exif = upright_exif(pil.info.get("exif"))
         try:
@@ -217,7 +221,35 @@ def read_image(path: str | os.PathLike, *, max_pixels: int = DEFAULT_MAX_PIXELS)
         rgb = np.ascontiguousarray(apply_exif_orientation(rgb, orientation))
         if alpha is not None:
             alpha = np.ascontiguousarray(apply_exif_orientation(alpha, orientation))
-    return LoadedImage(rgb=rgb, alpha=alpha, path=str(path), grey=grey, icc_profile=icc_profile, exif=exif)
+    return LoadedImage(rgb=rgb, alpha=alpha, path=str(path), grey=grey, icc_profile=icc_profile, exif=exif,
+                       jpeg_quality=jpeg_quality)
+
+
+#: The luminance quantisation table of the JPEG standard (ITU T.81, Annex K.1), row by row: the
+#: table that libjpeg, and with it most cameras, phones and image libraries, scale by quality.
+JPEG_LUMINANCE_TABLE = np.array([
+    16, 11, 10, 16, 24, 40, 51, 61, 12, 12, 14, 19, 26, 58, 60, 55, 14, 13, 16, 24, 40, 57, 69, 56,
+    14, 17, 22, 29, 51, 87, 80, 62, 18, 22, 37, 56, 68, 109, 103, 77, 24, 35, 55, 64, 81, 104, 113, 92,
+    49, 64, 78, 87, 103, 121, 120, 101, 72, 92, 95, 98, 112, 100, 103, 99,
+])
+
+
+def jpeg_luminance_table(quality: int) -> np.ndarray:
+    """The (64,) luminance table libjpeg writes at ``quality`` (1-100), row by row."""
+    scale = 5000 // quality if quality < 50 else 200 - 2 * quality
+    return np.clip((JPEG_LUMINANCE_TABLE * scale + 50) // 100, 1, 255)
+
+
+def estimate_jpeg_quality(tables: dict) -> int | None:
+    """The quality (1-100) whose libjpeg luminance table is nearest (sum of absolute differences)
+    to table 0 of ``tables`` (Pillow's ``Image.quantization``, row by row); exact for files that
+    libjpeg and its descendants wrote, the nearest equivalent for others; None without a table."""
+    table = tables.get(0)
+    if table is None or len(table) != 64:
+        return None
+    table = np.asarray(table, dtype=np.int64)
+    errors = [int(np.abs(jpeg_luminance_table(q) - table).sum()) for q in range(1, 101)]
+    return 1 + int(np.argmin(errors))
 
 
 def grey_channel(rgb: np.ndarray) -> np.ndarray:
