@@ -62,14 +62,18 @@ def gains(summary: dict, system: str) -> dict:
     return row
 
 
+def gain_cells(r: dict) -> str:
+    """A row of :func:`gains` as Markdown cells: PSNR, gain, SSIM, gain, dlib distance, change."""
+    dist = f"{r['id_distance']:.3f} | {100 * r['id_distance_change']:+.1f}%" if "id_distance" in r else "- | -"
+    return f"{r['psnr']:.2f} | {r['psnr_gain']:+.2f} | {r['ssim']:.3f} | {r['ssim_gain']:+.3f} | {dist}"
+
+
 def markdown(results: dict) -> str:
     lines = ["| set | system | faces | PSNR (dB) | gain | SSIM | gain | dlib distance | change |",
              "|---|---|---|---|---|---|---|---|---|"]
     for name, rows in results.items():
         for system, r in rows.items():
-            dist = f"{r['id_distance']:.3f} | {100 * r['id_distance_change']:+.1f}%" if "id_distance" in r else "- | -"
-            lines.append(f"| {name} | {system} | {r['n']} | {r['psnr']:.2f} | {r['psnr_gain']:+.2f} | "
-                         f"{r['ssim']:.3f} | {r['ssim_gain']:+.3f} | {dist} |")
+            lines.append(f"| {name} | {system} | {r['n']} | {gain_cells(r)} |")
     for dataset, rows in PAPER_TABLE1.items():
         base_psnr, base_ssim = rows["bicubic"]
         for system, (psnr, ssim) in rows.items():

@@ -18,7 +18,7 @@ import json
 from pathlib import Path
 
 from fsr.core.device import machine_description
-from heldout import gains, run_metrics
+from heldout import gain_cells, gains, run_metrics
 
 
 def markdown(results: dict[int, dict]) -> str:
@@ -26,9 +26,7 @@ def markdown(results: dict[int, dict]) -> str:
              "|---|---|---|---|---|---|---|---|"]
     for quality, rows in results.items():
         for system, r in rows.items():
-            dist = f"{r['id_distance']:.3f} | {100 * r['id_distance_change']:+.1f}%" if "id_distance" in r else "- | -"
-            lines.append(f"| {quality or 'lossless'} | {system} | {r['psnr']:.2f} | {r['psnr_gain']:+.2f} | "
-                         f"{r['ssim']:.3f} | {r['ssim_gain']:+.3f} | {dist} |")
+            lines.append(f"| {quality or 'lossless'} | {system} | {gain_cells(r)} |")
     return "\n".join(lines)
 
 
