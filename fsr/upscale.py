@@ -70,7 +70,7 @@ from fsr.core.io import (
     write_image,
 )
 from fsr.core.metadata import fits_output
-from fsr.core.weights import WeightsError
+from fsr.core.weights import WeightsError, find_weights
 from fsr.core.resize import resize_bicubic
 from fsr.detect.crop import extract_square
 from fsr.detect.mtcnn import MTCNN
@@ -203,6 +203,7 @@ class UpscaleSummary:
     processing_seconds: float = 0.0
     output_root: str = ""
     options: dict = field(default_factory=dict)
+    model_learned_jpeg: bool = False  # the SR model was trained on JPEG-compressed faces too
 
     def count(self, status: str) -> int:
         return sum(r.status == status for r in self.results)
@@ -238,6 +239,12 @@ class UpscaleSummary:
     @property
     def faces_rejected(self) -> int:
         return sum(r.faces_rejected for r in self.results)
+
+    def compressed_inputs(self, max_quality: int) -> list[ImageResult]:
+        """The inputs upscaled with at least one face through the model that were stored as JPEG at
+        quality ``max_quality`` or lower."""
+        return [r for r in self.results if r.status == "done" and r.faces_sr and r.jpeg_quality is not None
+                and r.jpeg_quality <= max_quality]
 
     @property
     def succeeded(self) -> bool:
@@ -936,6 +943,7 @@ def upscale_path(
     return UpscaleSummary(
         results=[results[job.input] for job in plan.jobs],
         model=system.name,
+        model_learned_jpeg=system.card is not None and system.card.jpeg_augment > 0,
         device=compute.describe(),
         seconds=time.perf_counter() - started,
         processing_seconds=processing,
@@ -979,6 +987,25 @@ def write_upscale_report(path: str | os.PathLike, summary: UpscaleSummary) -> No
         "images": rows,
     }
     atomic_write_text(path, json.dumps(payload, indent=2) + "\n")
+
+
+#: JPEG inputs at this quality or lower keep little of the gain of a model trained on lossless
+#: faces only (benchmarks/jpeg_inputs.py); the run's summary then names a model that learned them.
+JPEG_HINT_QUALITY = 90
+JPEG_MODEL = "fsr_jpeg"
+
+
+def jpeg_hint(summary: UpscaleSummary) -> str:
+    """One line for the end of a run whose model never saw JPEG-compressed faces when some of its
+    super-resolved faces came from JPEG files of quality ``JPEG_HINT_QUALITY`` or lower, naming
+    ``JPEG_MODEL`` where it is installed; '' otherwise."""
+    compressed = summary.compressed_inputs(JPEG_HINT_QUALITY)
+    if summary.model_learned_jpeg or not compressed or find_weights(f"{JPEG_MODEL}.safetensors") is None:
+        return ""
+    qualities = sorted(r.jpeg_quality for r in compressed)
+    span = f"{qualities[0]}" if qualities[0] == qualities[-1] else f"{qualities[0]}-{qualities[-1]}"
+    return (f"note: {len(compressed)} of the images were stored as JPEG at quality {span}; --model {JPEG_MODEL}, "
+            "trained on compressed faces, restores such faces with fewer block artifacts and keeps their identity better")
 
 
 def throughput(summary: UpscaleSummary) -> float:

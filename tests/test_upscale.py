@@ -440,6 +440,26 @@ def test_the_report_names_each_jpeg_inputs_quality(tmp_path):
     assert rows["web.jpg"]["jpeg_quality"] == 60 and rows["lossless.png"]["jpeg_quality"] is None
 
 
+def test_faces_from_low_quality_jpeg_files_point_to_the_jpeg_model(tmp_path):
+    """The default never saw compressed faces: when some of its faces came from JPEG files of quality
+    90 or lower, the run ends with one note naming fsr_jpeg; not for lossless or high-quality files,
+    and not when the model already learned JPEG faces."""
+    face = centre_crop(lfw_faces(1)[0], 32)
+    for name, quality in (("web.jpg", 60), ("camera.jpg", 95), ("lossless.png", None)):
+        folder = tmp_path / name.split(".")[0]
+        folder.mkdir()
+        Image.fromarray(face).save(folder / name, **({"quality": quality} if quality else {}))
+    notes = {}
+    for folder, model in (("web", "default"), ("camera", "default"), ("lossless", "default"), ("web", "fsr_jpeg")):
+        result = run_cli(str(tmp_path / folder), str(tmp_path / f"out_{folder}_{model}"), "--mode", "faces", "--model", model)
+        assert result.returncode == 0, result.stderr
+        notes[folder, model] = [line for line in result.stdout.splitlines() if line.startswith("note:")]
+    assert notes["web", "default"] == ["note: 1 of the images were stored as JPEG at quality 60; --model fsr_jpeg, "
+                                       "trained on compressed faces, restores such faces with fewer block artifacts "
+                                       "and keeps their identity better"]
+    assert notes["camera", "default"] == notes["lossless", "default"] == notes["web", "fsr_jpeg"] == []
+
+
 def test_exit_code_nonzero_only_when_nothing_succeeded(tmp_path, tiny_model):
     src = tmp_path / "in"
     src.mkdir()

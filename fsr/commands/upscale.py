@@ -20,7 +20,9 @@ from fsr.commands.common import (
 )
 from fsr.core.io import DEFAULT_MAX_PIXELS, describe_os_error
 from fsr.models.face.pipeline import DEFAULT_MAX_DRIFT, DEFAULT_MIN_FACE, DEFAULT_MIN_SCORE
-from fsr.upscale import UpscaleError, UpscaleOptions, UpscaleSummary, throughput, upscale_path, write_upscale_report
+from fsr.upscale import (
+    UpscaleError, UpscaleOptions, UpscaleSummary, jpeg_hint, throughput, upscale_path, write_upscale_report,
+)
 
 
 def _terminate_as_interrupt(signum, frame):  # noqa: ARG001
@@ -102,12 +104,20 @@ def upscale_command(
             write_upscale_report(report, summary)
         except OSError as exc:
             fail(f"cannot write the report {report} ({describe_os_error(exc)}); the {summary.done} upscaled images are kept")
+    _print_summary(summary, report)
+    if not summary.succeeded:
+        fail("no image could be upscaled", code=1)
+
+
+def _print_summary(summary: UpscaleSummary, report: Path | None) -> None:
+    """The run's table, where its outputs and report are, and a note on JPEG inputs (if any)."""
     console.print(_summary_table(summary))
     console.print(f"outputs: {summary.output_root}", highlight=False, soft_wrap=True)
     if report is not None:
         console.print(f"report: {report}", highlight=False, soft_wrap=True)
-    if not summary.succeeded:
-        fail("no image could be upscaled", code=1)
+    hint = jpeg_hint(summary)
+    if hint:
+        console.print(hint, highlight=False, soft_wrap=True)
 
 
 def _print_skipped(summary: UpscaleSummary) -> None:

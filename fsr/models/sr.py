@@ -92,6 +92,13 @@ class ModelCard:
         """A copy with some fields replaced (the card itself is frozen)."""
         return replace(self, **changes)
 
+    @property
+    def jpeg_augment(self) -> float:
+        """The fraction of training LR faces that were JPEG-compressed (``data.jpeg_augment`` of the
+        recipe in the card; 0 for a model trained on lossless faces only, or a card without it)."""
+        config = self.extra.get("config") or {}
+        return float((config.get("data") or {}).get("jpeg_augment", 0.0) or 0.0)
+
     def admits(self, face_side: float) -> bool:
         """Whether an LR face of box side ``face_side`` px lies in the validated range."""
         if self.lr_face_range is None:
