@@ -192,7 +192,8 @@ def read_image(path: str | os.PathLike, *, max_pixels: int = DEFAULT_MAX_PIXELS)
                 f"limit of {max_pixels / 1e6:.0f} MP (possible decompression bomb; see --max-pixels)",
             )
         orientation = _exif_orientation(pil)
-        jpeg_quality = estimate_jpeg_quality(getattr(pil, "quantization", None) or {}) if pil.format == "JPEG" else None
+        is_jpeg = pil.format in ("JPEG", "MPO")  # MPO: the multi-picture JPEG of many phones and cameras
+        jpeg_quality = estimate_jpeg_quality(getattr(pil, "quantization", None) or {}) if is_jpeg else None
         icc_profile = usable_profile(pil.info.get("icc_profile"))
         exif = upright_exif(pil.info.get("exif"))
         try:

@@ -54,7 +54,7 @@ def jpeg_degrade(images: torch.Tensor, qualities: Sequence[int],
                  offsets: Sequence[tuple[int, int]] | None = None) -> torch.Tensor:
     """JPEG-compress each RGB image of an (N, 3, h, w) batch in [0, 1] at its quality (1-100; 0
     leaves that image as it is) and decode it again, as a face stored in a JPEG file reaches
-    ``fsr upscale``; same shape, float32, same device, values on the 8-bit grid.
+    ``fsr upscale``; same shape and device, float32 (the compressed images on the 8-bit grid).
 
     OpenCV's encoder with its defaults (baseline, 4:2:0 chroma, the IJG tables scaled by
     quality). ``offsets`` (dy, dx) in [0, ``JPEG_BLOCK``) place the 8x8 / 16x16 block grid as in
