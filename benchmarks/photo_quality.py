@@ -12,6 +12,9 @@
 * ``sharp``: a sharp 128 px crop upscaled x4 in faces mode and scaled back down: PSNR
   against the input.
 
+``--lr-jpeg Q`` stores each x4-downscaled photo as JPEG at quality Q before it is upscaled (faces
+cut from JPEG photos).
+
 Held-out CelebA identities: those listed in fsr/data/splits/celeba_test_identities.txt when
 it exists, else the last 40 identity folders of celeba_train in sorted order.
 
@@ -34,6 +37,7 @@ import torch
 from fsr.core.device import Compute
 from fsr.core.io import LoadedImage, read_image, to_tensor, to_uint8
 from fsr.core.resize import resize_bicubic
+from fsr.data.degrade import jpeg_degrade
 from fsr.detect.crop import extract_square, points_to_crop, square_box
 from fsr.detect.mtcnn import MTCNN
 from fsr.models.face import create_face_model
@@ -78,9 +82,12 @@ def downscale(rgb: np.ndarray, factor: int = 4) -> tuple[np.ndarray, np.ndarray]
     return hr, lr
 
 
-def measure_photo(path: Path, models: RunModels, options: UpscaleOptions, detector) -> list[dict]:
-    """Face-region PSNR of photo mode and bicubic for one image (downscaled x4 first)."""
+def measure_photo(path: Path, models: RunModels, options: UpscaleOptions, detector, lr_jpeg: int = 0) -> list[dict]:
+    """Face-region PSNR of photo mode and bicubic for one image (downscaled x4 first; with ``lr_jpeg``,
+    the downscaled photo stored as JPEG at that quality, its block grid from the photo's corner)."""
     hr, lr = downscale(read_image(path).rgb_uint8())
+    if lr_jpeg:
+        lr = to_uint8(jpeg_degrade(to_tensor(lr)[None], [lr_jpeg])[0])
     faces = [f for f in find_faces(detector, hr, FaceFilter(min_size=48)) if not f.rejected]
     if not faces:
         return []
@@ -214,6 +221,8 @@ def main() -> None:
                         help="store the measured range as lr_face_range in the model's card (run with --threshold 0)")
     parser.add_argument("--data", type=Path, default=DATA)
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--lr-jpeg", type=int, default=0, metavar="Q",
+                        help="store each x4-downscaled photo as JPEG at quality Q before upscaling it (0 = lossless)")
     args = parser.parse_args()
     compute = Compute.create("cpu", "fp32", batch_size=8)
     options = replace(UpscaleOptions(threshold=args.threshold, show_progress=False),
@@ -223,7 +232,7 @@ def main() -> None:
     rows = []
     sources = photo_sources(args.per_source, args.data)
     for source, _, path in sources:
-        rows += [{**r, "source": source} for r in measure_photo(path, models, options, detector)]
+        rows += [{**r, "source": source} for r in measure_photo(path, models, options, detector, args.lr_jpeg)]
     photos = bucket_table(rows)
     print("| LR face px | faces | through model | SR dB | bicubic dB | gain dB |\n|---|---|---|---|---|---|")
     for r in photos:
