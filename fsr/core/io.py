@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import json
 import os
 import re
@@ -241,6 +242,12 @@ def jpeg_luminance_table(quality: int) -> np.ndarray:
     return np.clip((JPEG_LUMINANCE_TABLE * scale + 50) // 100, 1, 255)
 
 
+@functools.cache
+def _jpeg_luminance_tables() -> np.ndarray:
+    """(100, 64): :func:`jpeg_luminance_table` of qualities 1 to 100, made once."""
+    return np.stack([jpeg_luminance_table(quality) for quality in range(1, 101)])
+
+
 def estimate_jpeg_quality(tables: dict) -> int | None:
     """The quality (1-100) whose libjpeg luminance table is nearest (sum of absolute differences)
     to table 0 of ``tables`` (Pillow's ``Image.quantization``, row by row); exact for files that
@@ -248,8 +255,7 @@ def estimate_jpeg_quality(tables: dict) -> int | None:
     table = tables.get(0)
     if table is None or len(table) != 64:
         return None
-    table = np.asarray(table, dtype=np.int64)
-    errors = [int(np.abs(jpeg_luminance_table(q) - table).sum()) for q in range(1, 101)]
+    errors = np.abs(_jpeg_luminance_tables() - np.asarray(table, dtype=np.int64)).sum(axis=1)
     return 1 + int(np.argmin(errors))
 
 
