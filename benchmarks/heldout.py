@@ -82,9 +82,10 @@ def markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
-def write_figures(out: Path, results: dict, table: str) -> None:
-    """The figures as JSON (with the machine) at ``out`` and the Markdown table beside it (.md)."""
-    out.write_text(json.dumps({"machine": machine_description(), "results": results}, indent=2))
+def write_figures(out: Path, results: dict, table: str, **context) -> None:
+    """The figures as JSON (with the machine and any ``context``) at ``out`` and the Markdown table
+    beside it (.md)."""
+    out.write_text(json.dumps({"machine": machine_description(), **context, "results": results}, indent=2))
     out.with_suffix(".md").write_text(table + "\n")
 
 

@@ -14,11 +14,10 @@ plot of the PSNR gain against quality (``--plot``).
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from fsr.core.device import machine_description
-from heldout import gain_cells, gains, run_metrics
+from heldout import gain_cells, gains, run_metrics, write_figures
 
 
 def markdown(results: dict[int, dict]) -> str:
@@ -77,10 +76,7 @@ def main() -> None:
     table = markdown(results)
     print(table)
     if args.out:
-        out = Path(args.out)
-        out.write_text(json.dumps({"machine": machine_description(), "set": str(args.set),
-                                   "results": {str(q): rows for q, rows in results.items()}}, indent=2))
-        out.with_suffix(".md").write_text(table + "\n")
+        write_figures(Path(args.out), {str(q): rows for q, rows in results.items()}, table, set=str(args.set))
     if args.plot:
         plot(results, Path(args.plot), f"{args.set.name}, {next(iter(results.values()))['bicubic']['n']} faces")
 
